@@ -1,0 +1,36 @@
+# The README's commands. Each one creates or refreshes the virtual environment first,
+# so a fresh clone needs nothing else.
+VENV    ?= .venv
+PYTHON  ?= python3
+# Pinned so that a CPU machine gets the CPU build instead of a multi-GB CUDA one.
+TORCH   ?= torch==2.13.0
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.nibble-installed
+
+.PHONY: setup chat generate test lint bench
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+chat: setup
+	$(VENV)/bin/nibble chat --model smollm2-135m --quant int4
+
+generate: setup
+	$(VENV)/bin/nibble generate --model smollm2-135m --quant int4 "$(or $(PROMPT),What is the capital of France?)"
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: setup
+	$(PY) benchmarks/decode.py

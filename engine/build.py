@@ -1,0 +1,82 @@
+"""From a model name to a loaded, prepared model: resolve, read config, stream weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine import hub
+from engine.checkpoint import load_checkpoint, policy_from_checkpoint, read_quant_config
+from engine.config import EngineConfig, ModelConfig, QuantPolicy
+from engine.errors import ConfigError
+from engine.loader import (
+    config_from_gguf,
+    config_from_hf,
+    gguf_tensors,
+    load_weights,
+    open_gguf,
+    safetensors_tensors,
+)
+from engine.models.llama import LlamaModel, residual_dtype_for
+from engine.tokenizer import load_tokenizer
+
+DEFAULT_MAX_LEN = 8192  # KV cache size grows with it; --max-model-len raises it
+
+
+@dataclass
+class Loaded:
+    model: LlamaModel
+    tokenizer: object
+    config: ModelConfig
+    policy: QuantPolicy
+    source: hub.ModelSource
+    max_model_len: int
+
+
+def load(cfg: EngineConfig, progress: bool = True, prepare: bool = True) -> Loaded:
+    """Loads ``cfg.model`` with its policy; ``prepare`` repacks for the device's kernels
+    (leave it off to save a checkpoint: prepared layouts are kernel-specific)."""
+    source = hub.resolve_model(cfg.model, progress=progress)
+    model_cfg, policy, fill = _open(source, cfg, progress)
+    max_len = cfg.max_model_len or min(model_cfg.max_position_embeddings, DEFAULT_MAX_LEN)
+    if max_len > model_cfg.max_position_embeddings:
+        raise ConfigError(f"max_model_len {max_len} exceeds the context length "
+                          f"{model_cfg.max_position_embeddings} of {source.name}")
+    model = LlamaModel(model_cfg, policy, max_len,
+                       residual_dtype_for(policy.act_dtype, torch.device(cfg.device)))
+    fill(model)
+    tokenizer = load_tokenizer("gguf" if source.kind == "gguf" else "hf", source.path)
+    if prepare:
+        model.prepare(torch.device(cfg.device))
+    return Loaded(model, tokenizer, model_cfg, policy, source, max_len)
+
+
+def _open(source: hub.ModelSource, cfg: EngineConfig, progress: bool):
+    """-> (model config, policy, function that streams the weights into a model)."""
+    if source.kind == "gguf":
+        reader = open_gguf(source.path)
+        mc = config_from_gguf(reader)
+        return mc, cfg.policy, lambda m: load_weights(
+            m, gguf_tensors(reader, mc), len(reader.tensors), progress)
+    mc = config_from_hf(source.path)
+    if source.kind == "nibble":
+        data = read_quant_config(source.path)
+        if cfg.quant or cfg.rules:
+            raise ConfigError(f"{source.path} is already quantized ({data['policy']}); "
+                              f"load it without --quant and --rule")
+        return mc, policy_from_checkpoint(data, data["float"]), lambda m: load_checkpoint(
+            m, source.path, progress)
+    total = _count_tensors(source.path)
+    return mc, cfg.policy, lambda m: load_weights(m, safetensors_tensors(source.path), total, progress)
+
+
+def _count_tensors(path: Path) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    for file in path.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            n += len(list(f.keys()))
+    return n

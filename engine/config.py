@@ -1,0 +1,212 @@
+"""Typed configuration: frozen dataclasses, checked when built.
+
+Config never holds runtime state; an unknown key or a bad value is an error that says what
+to write instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from engine.errors import ConfigError
+
+FLOAT_FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANT_FORMATS = ("int8", "int4", "nf4")
+DEFAULT_GROUP = {"int4": 128, "nf4": 64}
+VALID_GROUPS = (32, 64, 128)
+QUANT_EXAMPLES = "fp32, bf16, fp16, int8, int4, int4-g32, int4-g64, int4-sym, nf4, nf4-g32"
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One module's storage format, parsed from strings like ``int4-g64`` or ``int4-sym``."""
+
+    method: str  # fp32 | bf16 | fp16 | int8 | int4 | nf4
+    group_size: int | None = None
+    symmetric: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> QuantSpec:
+        raw = text.strip().lower()
+        base, *opts = raw.split("-")
+        if base in FLOAT_FORMATS and not opts:
+            return cls(base)
+        if base not in QUANT_FORMATS:
+            raise ConfigError(
+                f"unknown quantization {text!r}.{_suggest(raw, QUANT_EXAMPLES.split(', '))}"
+                f" Valid: {QUANT_EXAMPLES}."
+            )
+        group, symmetric = DEFAULT_GROUP.get(base), base == "int8"
+        for opt in opts:
+            if opt == "sym" and base == "int4":
+                symmetric = True
+            elif re.fullmatch(r"g\d+", opt) and base in DEFAULT_GROUP:
+                group = int(opt[1:])
+                if group not in VALID_GROUPS:
+                    raise ConfigError(
+                        f"group size {group} in {text!r} is not supported; use one of "
+                        f"{', '.join(f'g{g}' for g in VALID_GROUPS)}."
+                    )
+            else:
+                raise ConfigError(
+                    f"unknown option {opt!r} in quantization {text!r}. Valid: {QUANT_EXAMPLES}."
+                )
+        return cls(base, group, symmetric)
+
+    @property
+    def is_float(self) -> bool:
+        return self.method in FLOAT_FORMATS
+
+    def __str__(self) -> str:
+        if self.is_float or self.method == "int8":
+            return self.method
+        text = self.method + ("-sym" if self.symmetric else "")
+        return text if self.group_size == DEFAULT_GROUP[self.method] else f"{text}-g{self.group_size}"
+
+
+@dataclass(frozen=True)
+class QuantPolicy:
+    """Maps module names to storage formats.
+
+    ``default`` applies to every linear layer except lm_head, which stays 16-bit like the
+    embeddings and norms; ``rules`` are ``(regex, spec)`` pairs searched in order against the
+    module name (``layers.3.mlp.gate_up_proj``), the first match wins and may name lm_head.
+    """
+
+    default: QuantSpec = QuantSpec("bf16")
+    rules: tuple[tuple[str, QuantSpec], ...] = ()
+
+    @classmethod
+    def build(cls, quant: str = "bf16", rules: list[str] | tuple[str, ...] = ()) -> QuantPolicy:
+        return cls(QuantSpec.parse(quant), tuple(parse_rule(r) for r in rules))
+
+    def spec_for(self, module: str) -> QuantSpec:
+        for pattern, spec in self.rules:
+            if re.search(pattern, module):
+                return spec
+        if module == "lm_head":
+            return QuantSpec(self.float_name)
+        return self.default
+
+    @property
+    def float_name(self) -> str:
+        """The 16/32-bit format of everything left unquantized (embeddings, norms, lm_head)."""
+        return self.default.method if self.default.is_float else "bf16"
+
+    @property
+    def act_dtype(self) -> torch.dtype:
+        return FLOAT_FORMATS[self.float_name]
+
+    def describe(self) -> str:
+        parts = [str(self.default)] + [f"{p}={s}" for p, s in self.rules]
+        return ",".join(parts)
+
+
+def parse_rule(text: str) -> tuple[str, QuantSpec]:
+    """``'mlp\\..*=int4'`` -> (regex, spec); the regex must compile."""
+    pattern, sep, spec = text.rpartition("=")
+    if not sep or not pattern:
+        raise ConfigError(
+            f"quantization rule {text!r} must look like REGEX=FORMAT, e.g. 'mlp\\..*=int4' or "
+            f"'self_attn\\..*=int8'."
+        )
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"quantization rule {text!r}: bad regex {pattern!r} ({exc}).") from None
+    return pattern, QuantSpec.parse(spec)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and constants of a Llama-family model (Llama 2/3, Mistral, Qwen2/3, SmolLM)."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] = ()
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: biases on q, k and v
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What LLM(...) and the CLI build: which model, how it is stored, where it runs."""
+
+    model: str = "smollm2-135m"
+    quant: str | None = None  # None: bf16, or what a pre-quantized checkpoint holds
+    rules: tuple[str, ...] = ()
+    device: str = "cpu"
+    max_model_len: int | None = None  # None: the model's context length, at most 8192
+    seed: int = 0
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        self.policy  # noqa: B018 - parse now, so a typo fails at construction
+        if self.max_model_len is not None and self.max_model_len < 16:
+            raise ConfigError(f"max_model_len must be at least 16, got {self.max_model_len}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    @property
+    def policy(self) -> QuantPolicy:
+        return QuantPolicy.build(self.quant or "bf16", self.rules)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineConfig:
+        """Builds from a config file's table; unknown keys are errors naming the valid ones."""
+        valid = [f.name for f in fields(cls)]
+        for key in data:
+            if key not in valid:
+                raise ConfigError(
+                    f"unknown config key {key!r}.{_suggest(key, valid)} Valid keys: {', '.join(valid)}."
+                )
+        values = dict(data)
+        if "rules" in values:
+            values["rules"] = tuple(_rules_from_config(values["rules"]))
+        return cls(**values)
+
+
+def _rules_from_config(rules: Any) -> list[str]:
+    """Rules in a file are either a list of 'REGEX=FORMAT' or a table {REGEX = FORMAT}."""
+    if isinstance(rules, dict):
+        return [f"{k}={v}" for k, v in rules.items()]
+    if isinstance(rules, list) and all(isinstance(r, str) for r in rules):
+        return rules
+    raise ConfigError("'rules' must be a list of 'REGEX=FORMAT' strings or a table of REGEX = FORMAT")
+

@@ -1,0 +1,78 @@
+"""QuantLinear: a linear layer whose storage and compute belong to a QuantMethod.
+
+Fused projections (q|k|v, gate|up) arrive from checkpoints as separate shards; the layer
+collects them and quantizes once when the last shard is in, so no more than one fused
+weight is ever held in 16/32-bit at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from engine.config import QuantSpec
+from engine.errors import CheckpointError
+from engine.quant import StoredMethod, make_method
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        shard_sizes: tuple[int, ...],
+        spec: QuantSpec,
+        act_dtype: torch.dtype,
+        bias: bool = False,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.shard_sizes = shard_sizes
+        self.out_features = sum(shard_sizes)
+        self.spec = spec
+        self.method: StoredMethod = make_method(spec, in_features, self.out_features, act_dtype)
+        self.has_bias = bias
+        self.bias: Tensor | None = None
+        self.act_dtype = act_dtype
+        self._pending: dict[tuple[str, int], Tensor] = {}
+
+    def load_shard(self, kind: str, shard: int, tensor: Tensor) -> None:
+        """Takes one shard of the 16/32-bit weight ([n_shard, K]) or bias ([n_shard])."""
+        want = (self.shard_sizes[shard], self.in_features) if kind == "weight" else (
+            self.shard_sizes[shard],)
+        if tuple(tensor.shape) != want:
+            raise CheckpointError(f"{kind} shard {shard} has shape {tuple(tensor.shape)}, expected {want}")
+        self._pending[(kind, shard)] = tensor
+        self._flush(kind)
+
+    def _flush(self, kind: str) -> None:
+        shards = [self._pending.get((kind, i)) for i in range(len(self.shard_sizes))]
+        if any(s is None for s in shards):
+            return
+        full = shards[0] if len(shards) == 1 else torch.cat(shards, 0)
+        for i in range(len(shards)):
+            del self._pending[(kind, i)]
+        if kind == "weight":
+            self.method.load(self.method.quantize(full))
+        else:
+            self.bias = full.to(self.act_dtype)
+
+    def load_quantized(self, tensors: dict[str, Tensor], bias: Tensor | None) -> None:
+        """Stored tensors from a pre-quantized checkpoint: no quantization happens."""
+        self.method.load(tensors)
+        if bias is not None:
+            self.bias = bias.to(self.act_dtype)
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self.method.stored_bytes) and (self.bias is not None or not self.has_bias)
+
+    def prepare(self, device: torch.device) -> None:
+        self.method.prepare(device)
+        if self.bias is not None:
+            self.bias = self.bias.to(device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.method.apply(x.to(self.act_dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, format={self.spec}"

@@ -1,0 +1,247 @@
+"""Checkpoint tensors streamed one by one into the model, quantized as they arrive.
+
+Sources: a GGUF file (tensors dequantized by the gguf package, renamed to Hugging Face names,
+q/k rows un-permuted) or a Hugging Face directory of safetensors. Only one fused weight is held
+in 16/32-bit at any time; a 7B model never needs a second full-precision copy in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from engine.config import ModelConfig, QuantPolicy
+from engine.errors import CheckpointError
+from engine.layers.linear import QuantLinear
+from engine.models.llama import LlamaModel
+from engine.progress import progress_bar
+
+SUPPORTED_ARCHS = {
+    "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+}
+GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+# GGUF tensor names -> Hugging Face names (blk.N. prefixes handled separately).
+_GGUF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",
+                "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_GGUF_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+               "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+# ----------------------------------------------------------------------------- configs
+
+def config_from_hf(path: Path) -> ModelConfig:
+    data = json.loads((path / "config.json").read_text())
+    archs = data.get("architectures") or []
+    arch = next((SUPPORTED_ARCHS[a] for a in archs if a in SUPPORTED_ARCHS), None)
+    if arch is None:
+        raise CheckpointError(f"{path}: architecture {archs} is not supported; nibble runs "
+                              f"{', '.join(SUPPORTED_ARCHS)}")
+    heads = data["num_attention_heads"]
+    eos = data.get("eos_token_id")
+    rope = data.get("rope_scaling") or data.get("rope_parameters") or {}
+    theta = data.get("rope_theta", rope.get("rope_theta", 10000.0))
+    return ModelConfig(
+        arch=arch, vocab_size=data["vocab_size"], hidden_size=data["hidden_size"],
+        intermediate_size=data["intermediate_size"], num_layers=data["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=data.get("num_key_value_heads", heads),
+        head_dim=data.get("head_dim") or data["hidden_size"] // heads,
+        rms_norm_eps=data.get("rms_norm_eps", 1e-5), rope_theta=float(theta),
+        rope_scaling=_rope_items(rope),
+        max_position_embeddings=data.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+        attention_bias=arch == "qwen2" or bool(data.get("attention_bias", False)),
+        qk_norm=arch == "qwen3", bos_token_id=data.get("bos_token_id"),
+        eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
+    )
+
+
+def _rope_items(rope: dict) -> tuple:
+    items = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if items.get("rope_type", items.get("type")) in (None, "default"):
+        return ()
+    return tuple(sorted(items.items()))
+
+
+def config_from_gguf(reader) -> ModelConfig:
+    f = _gguf_fields(reader)
+    arch = f.get("general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise CheckpointError(f"GGUF architecture {arch!r} is not supported; nibble runs {GGUF_ARCHS}")
+
+    def key(name, default=None):
+        value = f.get(f"{arch}.{name}", default)
+        if value is None:
+            raise CheckpointError(f"GGUF file lacks the metadata key {arch}.{name}")
+        return value
+
+    names = {t.name for t in reader.tensors}
+    heads, hidden = int(key("attention.head_count")), int(key("embedding_length"))
+    vocab = f.get(f"{arch}.vocab_size") or len(f.get("tokenizer.ggml.tokens", []))
+    eos = f.get("tokenizer.ggml.eos_token_id")
+    scaling = ()
+    if f.get(f"{arch}.rope.scaling.type") == "linear":
+        scaling = (("factor", float(f[f"{arch}.rope.scaling.factor"])), ("rope_type", "linear"))
+    return ModelConfig(
+        arch=arch, vocab_size=int(vocab), hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length")), num_layers=int(key("block_count")),
+        num_heads=heads, num_kv_heads=int(key("attention.head_count_kv", heads)),
+        head_dim=int(f.get(f"{arch}.attention.key_length", hidden // heads)),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(key("rope.freq_base", 10000.0)), rope_scaling=scaling,
+        max_position_embeddings=int(key("context_length", 4096)),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names, qk_norm="blk.0.attn_q_norm.weight" in names,
+        bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=(int(eos),) if eos is not None else (),
+    )
+
+
+def _gguf_fields(reader) -> dict:
+    out = {}
+    for name, field in reader.fields.items():
+        if name in ("tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+            continue
+        try:
+            out[name] = field.contents()
+        except Exception:  # noqa: BLE001 - an odd field we don't need must not stop loading
+            continue
+    return out
+
+
+# ----------------------------------------------------------------------------- tensors
+
+def open_gguf(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError) as exc:
+        raise CheckpointError(f"{path} is not a readable GGUF file ({exc}); it may be truncated "
+                              f"or corrupt. Download it again.") from None
+
+
+def gguf_tensors(reader, cfg: ModelConfig) -> Iterator[tuple[str, Tensor]]:
+    """(Hugging Face name, float32 tensor) for each tensor of a GGUF file."""
+    from gguf.quants import dequantize
+
+    permuted = cfg.arch in ("llama", "mistral")  # llama.cpp permutes q/k rows for these
+    for t in reader.tensors:
+        name = gguf_to_hf_name(t.name)
+        if name is None:
+            continue
+        try:
+            w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), copy=True))
+        except (ValueError, NotImplementedError) as exc:
+            raise CheckpointError(f"cannot read GGUF tensor {t.name} ({t.tensor_type.name}): {exc}") from None
+        w = w.float().reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
+        if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
+            w = unpermute_rows(w, heads)
+        yield name, w
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    if name in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if m and m.group(2) in _GGUF_LAYER:
+        return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.{m.group(3)}"
+    return None  # rope_freqs and other tensors that carry no weight of ours
+
+
+def unpermute_rows(w: Tensor, heads: int) -> Tensor:
+    """Undo llama.cpp's q/k row permutation (interleaved rotary -> rotate-half layout)."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def safetensors_tensors(path: Path) -> Iterator[tuple[str, Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                yield name, f.get_tensor(name)
+
+
+# ----------------------------------------------------------------------------- routing
+
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+_SHARDS = {"self_attn.q_proj": ("self_attn.qkv_proj", 0), "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+           "self_attn.v_proj": ("self_attn.qkv_proj", 2), "self_attn.o_proj": ("self_attn.o_proj", 0),
+           "mlp.gate_proj": ("mlp.gate_up_proj", 0), "mlp.up_proj": ("mlp.gate_up_proj", 1),
+           "mlp.down_proj": ("mlp.down_proj", 0)}
+
+
+def route(name: str) -> tuple[str, str, int | None] | None:
+    """HF tensor name -> (our module path, 'weight'|'bias', shard or None for plain params)."""
+    if name == "model.embed_tokens.weight":
+        return "embed_tokens", "weight", None
+    if name == "model.norm.weight":
+        return "norm", "weight", None
+    if name == "lm_head.weight":
+        return "lm_head", "weight", 0
+    m = _LAYER_RE.fullmatch(name)
+    if not m:
+        return None
+    layer, part, kind = m.groups()
+    if part in _SHARDS:
+        module, shard = _SHARDS[part]
+        return f"layers.{layer}.{module}", kind, shard
+    return f"layers.{layer}.{part}", kind, None
+
+
+def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, Tensor]], total: int,
+                 progress: bool = True) -> None:
+    """Streams ``tensors`` into ``model``, quantizing each linear layer as it completes."""
+    modules = dict(model.named_modules())
+    tie = model.config.tie_word_embeddings
+    for name, w in progress_bar(tensors, total=total, desc="loading", unit="tensor", enabled=progress):
+        target = route(name)
+        if target is None:
+            continue
+        path, kind, shard = target
+        module = modules.get(path)
+        if module is None:
+            raise CheckpointError(f"checkpoint tensor {name} has no place in the model ({path})")
+        if shard is None:
+            _copy_param(module, kind, w, name)
+        else:
+            module.load_shard(kind, shard, w)
+        if tie and path == "embed_tokens":
+            # Same dtype and layout: the 16-bit lm_head shares the embedding's storage.
+            model.lm_head.load_shard("weight", 0, model.embed_tokens.weight.data)
+    check_complete(model)
+
+
+def _copy_param(module, kind: str, w: Tensor, name: str) -> None:
+    param = getattr(module, kind)
+    if tuple(param.shape) != tuple(w.shape):
+        raise CheckpointError(f"{name} has shape {tuple(w.shape)}, the model expects {tuple(param.shape)}")
+    param.data = w.to(param.dtype).contiguous()
+    module._loaded = True
+
+
+def check_complete(model: LlamaModel) -> None:
+    missing = [n for n, m in model.quant_linears().items() if not m.loaded]
+    missing += [n for n, m in model.named_modules()
+                if hasattr(m, "weight") and not isinstance(m, QuantLinear) and not getattr(m, "_loaded", False)]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"checkpoint is missing weights for {shown}")
+
+
+def build_model(cfg: ModelConfig, policy: QuantPolicy, max_positions: int) -> LlamaModel:
+    return LlamaModel(cfg, policy, max_positions)

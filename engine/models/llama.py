@@ -1,0 +1,120 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2) over a flat batch.
+
+Fused projections: q|k|v in one QuantLinear, gate|up in another. Qwen2 adds biases to q, k
+and v; Qwen3 adds an RMSNorm over each head of q and k before the rotary embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.config import ModelConfig, QuantPolicy
+from engine.layers.attention import AttentionBatch, paged_attention
+from engine.layers.embedding import Embedding
+from engine.layers.linear import QuantLinear
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding, apply_rotary
+
+
+def residual_dtype_for(act_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """fp32 on CPU, as llama.cpp keeps its activations: rounding the residual stream to bf16
+    after every layer flipped near-tie greedy tokens of int8 and int4-g32 variants that fp32
+    activations keep (measured on the default model), at ~3 casts per layer."""
+    return torch.float32 if device.type == "cpu" else act_dtype
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, policy: QuantPolicy, prefix: str, index: int):
+        super().__init__()
+        dt = policy.act_dtype
+        self.index = index
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.scale = cfg.head_dim ** -0.5
+        self.qkv_proj = QuantLinear(cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size),
+                                    policy.spec_for(f"{prefix}.qkv_proj"), dt, cfg.attention_bias)
+        self.o_proj = QuantLinear(cfg.q_size, (cfg.hidden_size,), policy.spec_for(f"{prefix}.o_proj"), dt)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt) if cfg.qk_norm else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch) -> Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, q + 2kv]
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qk = qkv[:, :self.q_size + self.kv_size].view(t, h + hkv, d)
+        v = qkv[:, self.q_size + self.kv_size:].view(t, hkv, d)
+        if self.q_norm is not None:
+            qk = torch.cat((self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])), 1)
+        qk = apply_rotary(qk, cos, sin)  # q and k heads together: one set of ops per layer
+        return self.o_proj(paged_attention(self.index, qk[:, :h], qk[:, h:], v, batch, self.scale))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, policy: QuantPolicy, prefix: str):
+        super().__init__()
+        dt, inter = policy.act_dtype, cfg.intermediate_size
+        self.inter = inter
+        self.gate_up_proj = QuantLinear(cfg.hidden_size, (inter, inter),
+                                        policy.spec_for(f"{prefix}.gate_up_proj"), dt)
+        self.down_proj = QuantLinear(inter, (cfg.hidden_size,), policy.spec_for(f"{prefix}.down_proj"), dt)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate_up[:, :self.inter]) * gate_up[:, self.inter:])
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, policy: QuantPolicy, index: int, dt: torch.dtype):
+        super().__init__()
+        prefix = f"layers.{index}"
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
+        self.self_attn = Attention(cfg, policy, f"{prefix}.self_attn", index)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
+        self.mlp = MLP(cfg, policy, f"{prefix}.mlp")
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, batch)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    """forward(input_ids [T], positions [T], batch) -> hidden [T, hidden]; logits() picks rows."""
+
+    def __init__(self, cfg: ModelConfig, policy: QuantPolicy, max_positions: int,
+                 residual_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.config, self.policy = cfg, policy
+        dt = policy.act_dtype
+        # The residual stream and the norms may run wider than the linear layers' inputs
+        # (fp32 on CPU, see residual_dtype_for); each QuantLinear casts its input.
+        self.residual_dtype = rd = residual_dtype or dt
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dt)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, policy, i, rd) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rd)
+        self.lm_head = QuantLinear(cfg.hidden_size, (cfg.vocab_size,), policy.spec_for("lm_head"), dt)
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
+                                      dict(cfg.rope_scaling) or None)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Tensor, positions: Tensor, batch: AttentionBatch) -> Tensor:
+        h = self.embed_tokens(input_ids).to(self.residual_dtype)
+        cos, sin = self.rotary.lookup(positions, self.residual_dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, batch)
+        return self.norm(h)
+
+    @torch.inference_mode()
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden [R, hidden] -> fp32 logits [R, vocab]."""
+        return self.lm_head(hidden).float()
+
+    def quant_linears(self) -> dict[str, QuantLinear]:
+        return {n: m for n, m in self.named_modules() if isinstance(m, QuantLinear)}
+
+    def prepare(self, device: torch.device) -> None:
+        """Repacks every quantized weight for the kernels of ``device``; once, after loading."""
+        for m in self.quant_linears().values():
+            m.prepare(device)
+        self.rotary.cos, self.rotary.sin = self.rotary.cos.to(device), self.rotary.sin.to(device)

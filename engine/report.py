@@ -1,0 +1,48 @@
+"""What a loaded model holds: each module's format and weight bytes."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+from engine.models.llama import LlamaModel
+
+
+@dataclass(frozen=True)
+class ModuleWeights:
+    name: str
+    format: str
+    nbytes: int
+    shared_with: str | None = None  # tied lm_head: its bytes are the embedding's
+
+
+def module_weights(model: LlamaModel) -> list[ModuleWeights]:
+    rows = []
+    embed_ptr = model.embed_tokens.weight.data_ptr()
+    for name, lin in model.quant_linears().items():
+        stored = lin.method.stored.get("weight")
+        if stored is not None and stored.data_ptr() == embed_ptr:
+            rows.append(ModuleWeights(name, str(lin.spec), 0, "embed_tokens"))
+            continue
+        bias = lin.bias.numel() * lin.bias.element_size() if lin.bias is not None else 0
+        rows.append(ModuleWeights(name, str(lin.spec), lin.method.stored_bytes + bias))
+    for name, param in model.named_parameters():
+        fmt = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}[str(param.dtype)]
+        rows.append(ModuleWeights(name.removesuffix(".weight"), fmt, param.numel() * param.element_size()))
+    return rows
+
+
+def bytes_per_format(rows: list[ModuleWeights]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for r in rows:
+        out[r.format] += r.nbytes
+    return dict(out)
+
+
+def collapse_layers(rows: list[ModuleWeights]) -> list[tuple[str, str, int, int]]:
+    """Groups 'layers.N.x' rows that share a format: (pattern, format, count, bytes)."""
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for r in rows:
+        groups[(re.sub(r"^layers\.\d+\.", "layers.*.", r.name), r.format)].append(r.nbytes)
+    return [(name, fmt, len(b), sum(b)) for (name, fmt), b in groups.items()]

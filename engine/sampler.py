@@ -1,0 +1,82 @@
+"""Sampling: logits of the rows being sampled -> one token each.
+
+Greedy, temperature, top-k, top-p, min-p, penalties and logit bias; a per-request seed makes
+a sample reproducible whatever else runs. Logprobs come from the model's raw distribution.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from engine.sequence import Sequence
+
+
+def sample(logits: Tensor, seqs: list[Sequence]) -> list[tuple[int, dict[int, float] | None]]:
+    """logits [B, V] fp32, one row per sequence -> (token, logprobs or None) per sequence."""
+    out = []
+    for row, seq in zip(logits, seqs, strict=True):
+        token = _sample_row(_adjust(row, seq), seq)
+        out.append((token, _logprobs(row, token, seq.params.logprobs)))
+    return out
+
+
+def _adjust(row: Tensor, seq: Sequence) -> Tensor:
+    p = seq.params
+    if p.logit_bias:
+        row = row.clone()
+        ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.long)
+        row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype)
+    if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+        row = _penalize(row, seq)
+    return row
+
+
+def _penalize(row: Tensor, seq: Sequence) -> Tensor:
+    p, row = seq.params, row.clone()
+    if p.repetition_penalty != 1.0:  # prompt and output, as in vLLM and HF
+        seen = torch.tensor(sorted(set(seq.all_token_ids)), dtype=torch.long)
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if seq.output_token_ids and (p.presence_penalty or p.frequency_penalty):
+        counts = torch.bincount(torch.tensor(seq.output_token_ids), minlength=row.numel()).to(row.dtype)
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    return row
+
+
+def _sample_row(row: Tensor, seq: Sequence) -> int:
+    p = seq.params
+    if p.greedy:
+        return int(row.argmax())
+    row = row / p.temperature
+    if p.top_k > 0:
+        kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = torch.softmax(row, -1)
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0)
+    if p.top_p < 1:
+        probs = _top_p(probs, p.top_p)
+    return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+
+def _top_p(probs: Tensor, top_p: float) -> Tensor:
+    """Keeps the smallest set of most likely tokens whose mass reaches top_p."""
+    # Stable, so that among tied probabilities (bf16 logits tie often) the lowest id comes
+    # first, as in argmax: a tiny top_p then reproduces greedy exactly.
+    sorted_p, order = probs.sort(descending=True, stable=True)
+    drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # mass before this token already enough
+    sorted_p[drop] = 0
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+
+
+def _logprobs(row: Tensor, token: int, k: int | None) -> dict[int, float] | None:
+    if k is None:
+        return None
+    lp = torch.log_softmax(row, -1)
+    out = {token: float(lp[token])}
+    if k:
+        top = torch.topk(lp, k)
+        out.update({int(i): float(v) for i, v in zip(top.indices, top.values, strict=True)
+                    if int(i) not in out})
+    return out

@@ -1,0 +1,93 @@
+"""Per-request state and what the engine hands back."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    logprobs: list[dict[int, float]] | None = None  # per token: {token_id: logprob}, chosen first
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    delta: str = ""  # text that became final in this step (for streaming)
+
+    # The single-completion shortcuts of the public API: outs[0].text, .token_ids, ...
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    detok: IncrementalDetokenizer
+    max_tokens: int
+    eos_token_ids: frozenset[int]
+    output_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    num_cached: int = 0  # tokens whose keys/values are in the cache
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def append(self, token_id: int, logprobs: dict[int, float] | None) -> None:
+        self.output_token_ids.append(token_id)
+        if logprobs is not None:
+            self.logprobs = (self.logprobs or []) + [logprobs]
+        is_stop_token = token_id in self.params.stop_token_ids or (
+            token_id in self.eos_token_ids and not self.params.ignore_eos)
+        if not is_stop_token:
+            self.detok.add(token_id)
+        if is_stop_token or self.detok.stopped:
+            self.finish("stop")
+        elif len(self.output_token_ids) >= self.max_tokens:
+            self.finish("length")
+
+    def finish(self, reason: str) -> None:
+        self.status, self.finish_reason = Status.FINISHED, reason
+
+    def to_output(self) -> RequestOutput:
+        done = self.status is Status.FINISHED
+        delta = self.detok.new_text(done)
+        out = CompletionOutput(0, self.detok.text, list(self.output_token_ids),
+                               self.finish_reason, self.logprobs)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [out], done, delta)

@@ -1,0 +1,142 @@
+"""The `nibble` command line: generate, chat, quantize, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from importlib import resources
+from pathlib import Path
+
+from engine.config import EngineConfig
+from engine.errors import ConfigError, NibbleError
+
+DESCRIPTION = """\
+nibble runs quantized LLMs. Point it at a model (an alias such as smollm2-135m, a Hugging Face
+directory, a .gguf file, or a checkpoint saved by `nibble quantize`) and choose how its linear
+layers are stored: fp32, bf16, fp16, int8, int4 (-g32/-g64/-g128, -sym) or nf4. lm_head,
+embeddings and norms stay 16-bit unless a --rule names them."""
+
+QUANT_HELP = ("storage of the linear layers: fp32, bf16, fp16, int8 (per channel), int4 (group 128; "
+              "int4-g32, int4-g64, int4-sym), nf4 (group 64). Default: bf16, or what a "
+              "pre-quantized checkpoint holds")
+RULE_HELP = ("per-module override REGEX=FORMAT, searched in the module name "
+             "(e.g. 'self_attn\\..*=int8', 'mlp\\..*=int4', 'lm_head=int8'); repeatable, first match wins")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", help="alias, HF directory, .gguf file or nibble checkpoint "
+                   "(default: smollm2-135m)")
+    g.add_argument("--quant", "-q", help=QUANT_HELP)
+    g.add_argument("--rule", "-r", action="append", dest="rules", metavar="REGEX=FORMAT", help=RULE_HELP)
+    g.add_argument("--config", "-c", metavar="FILE", help="TOML file (or preset name from configs/) "
+                   "with keys model, quant, rules, device, max_model_len, seed, threads; flags override it")
+    g.add_argument("--device", help="cpu or cuda[:N] (default: cpu)")
+    g.add_argument("--max-model-len", type=int, help="context length to reserve KV cache for "
+                   "(default: the model's, at most 8192)")
+    g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    g.add_argument("--seed", type=int, help="global random seed (default 0)")
+
+
+def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256, help="new tokens at most (default 256)")
+    g.add_argument("--temperature", "-t", type=float, default=temperature,
+                   help=f"0 is greedy (default {temperature})")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    g.add_argument("--top-k", type=int, default=-1, help="sample from the k most likely (default -1: off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="default 1.0: off")
+    g.add_argument("--sample-seed", type=int, help="per-request seed that makes sampling reproducible")
+    g.add_argument("--stop", action="append", help="stop string, not included in the output; repeatable")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nibble", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="complete prompts and print the text",
+                         description="Complete one or more prompts (greedy by default). Text is "
+                         "streamed as it is generated when one prompt is given.")
+    gen.add_argument("prompts", nargs="*", help="prompt texts; '-' or none reads one from stdin")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template as a user message")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt "
+                     "(text, token ids, finish reason, timings)")
+    _model_args(gen)
+    _sampling_args(gen, temperature=0.0)
+
+    chat = sub.add_parser("chat", help="talk to the model in the terminal",
+                          description="Interactive chat with the model's chat template; tokens are "
+                          "printed as they come. Commands: /reset clears the history, /exit quits "
+                          "(or Ctrl-D).")
+    chat.add_argument("--system", help="system prompt")
+    _model_args(chat)
+    _sampling_args(chat, temperature=0.7)
+
+    quant = sub.add_parser("quantize", help="quantize a model and save a nibble checkpoint",
+                           description="Quantize module by module while loading, then save "
+                           "safetensors + nibble_quant.json + tokenizer to --out. Loading it later "
+                           "gives the same packed weights without quantizing again.")
+    quant.add_argument("--out", "-o", required=True, type=Path, help="output directory")
+    _model_args(quant)
+
+    insp = sub.add_parser("inspect", help="show which module gets which format, and weight bytes",
+                          description="Load the model with the given policy and print each linear "
+                          "module's format and the weight bytes per format.")
+    insp.add_argument("--json", action="store_true", help="machine-readable output")
+    insp.add_argument("--all", action="store_true", help="list every module, not one line per distinct pattern")
+    _model_args(insp)
+    return parser
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """Config file first, flags on top; unknown keys and bad values fail here."""
+    data = _read_config(args.config) if args.config else {}
+    flags = {"model": args.model, "quant": args.quant, "device": args.device,
+             "max_model_len": args.max_model_len, "threads": args.threads, "seed": args.seed}
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if args.rules:
+        data["rules"] = list(args.rules) + _file_rules(data.get("rules"))
+    return EngineConfig.from_dict(data)
+
+
+def _file_rules(rules) -> list[str]:
+    if not rules:
+        return []
+    return [f"{k}={v}" for k, v in rules.items()] if isinstance(rules, dict) else list(rules)
+
+
+def _read_config(name: str) -> dict:
+    path = Path(name)
+    if not path.exists():
+        preset = resources.files("configs") / f"{name.removesuffix('.toml')}.toml"
+        if not preset.is_file():
+            names = sorted(p.name[:-5] for p in resources.files("configs").iterdir()
+                           if p.name.endswith(".toml") and p.name != "models.toml")
+            raise ConfigError(f"config {name!r} is neither a file nor a preset; presets: {', '.join(names)}")
+        return tomllib.loads(preset.read_text())
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from server import commands
+
+    try:
+        return commands.run(args, engine_config(args))
+    except NibbleError as exc:
+        print(f"nibble: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

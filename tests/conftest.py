@@ -1,0 +1,36 @@
+"""Shared fixtures: the default model is fetched once per machine into the nibble cache and
+each variant is loaded once per test session."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@pytest.fixture(scope="session")
+def default_source():
+    from engine import hub
+
+    return hub.resolve_model(DEFAULT_MODEL, progress=False)
+
+
+@functools.cache
+def _llm(quant: str):
+    from engine import LLM
+
+    return LLM(DEFAULT_MODEL, quant=quant, progress=False, max_model_len=2048)
+
+
+@pytest.fixture(scope="session")
+def llm_factory(default_source):
+    """llm_factory("int4") -> a shared LLM of the default model; loaded on first use."""
+    return _llm
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)

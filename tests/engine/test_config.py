@@ -1,0 +1,51 @@
+"""Quantization strings, rules and config files: parsed strictly, errors say what to write."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.config import EngineConfig, QuantPolicy, QuantSpec
+from engine.errors import ConfigError
+
+
+@pytest.mark.parametrize("text,method,group,sym", [
+    ("int4", "int4", 128, False), ("int4-g32", "int4", 32, False), ("INT4-G64", "int4", 64, False),
+    ("int4-sym", "int4", 128, True), ("int4-sym-g64", "int4", 64, True), ("nf4", "nf4", 64, False),
+    ("nf4-g128", "nf4", 128, False), ("int8", "int8", None, True), ("bf16", "bf16", None, False),
+])
+def test_quant_strings(text, method, group, sym):
+    spec = QuantSpec.parse(text)
+    assert (spec.method, spec.group_size, spec.symmetric) == (method, group, sym)
+    assert QuantSpec.parse(str(spec)) == spec
+
+
+@pytest.mark.parametrize("text,hint", [
+    ("int5", "Valid:"), ("in4", "Did you mean 'int4'"), ("int4-g100", "g32, g64, g128"),
+    ("int8-g64", "unknown option"), ("nf4-sym", "unknown option"), ("bf16-g64", "Valid:"),
+])
+def test_bad_quant_strings(text, hint):
+    with pytest.raises(ConfigError, match=hint):
+        QuantSpec.parse(text)
+
+
+def test_policy_defaults_keep_lm_head_16bit_and_rules_override():
+    p = QuantPolicy.build("int4", ["self_attn\\..*=int8", "lm_head=int8"])
+    assert str(p.spec_for("layers.0.self_attn.qkv_proj")) == "int8"
+    assert str(p.spec_for("layers.0.mlp.gate_up_proj")) == "int4"
+    assert str(p.spec_for("lm_head")) == "int8"
+    assert str(QuantPolicy.build("int4").spec_for("lm_head")) == "bf16"
+    assert str(QuantPolicy.build("fp32").spec_for("lm_head")) == "fp32"
+
+
+@pytest.mark.parametrize("rule,hint", [("mlp", "REGEX=FORMAT"), ("mlp(=int4", "bad regex"),
+                                       ("mlp=int3", "unknown quantization")])
+def test_bad_rules(rule, hint):
+    with pytest.raises(ConfigError, match=hint):
+        QuantPolicy.build("int4", [rule])
+
+
+def test_config_file_keys_are_checked():
+    with pytest.raises(ConfigError, match="Did you mean 'quant'"):
+        EngineConfig.from_dict({"quants": "int4"})
+    cfg = EngineConfig.from_dict({"quant": "int4", "rules": {"mlp\\..*": "int8"}})
+    assert cfg.policy.spec_for("layers.1.mlp.down_proj").method == "int8"

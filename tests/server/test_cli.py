@@ -1,0 +1,102 @@
+"""The `nibble` command as a user runs it: real subprocesses, real default model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def nibble(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """One clear message on stderr, exit 2, no traceback."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("nibble: error:")
+    for f in fragments:
+        assert f in proc.stderr, proc.stderr
+
+
+def test_help_lists_commands():
+    out = nibble("--help").stdout
+    for cmd in ("generate", "chat", "quantize", "inspect"):
+        assert cmd in out
+    assert "int4-g32" in nibble("generate", "--help").stdout
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["generate", "-m", "smolm2-135m", "hi"], ["smollm2-135m"]),
+    (["generate", "-q", "int5", "hi"], ["unknown quantization 'int5'"]),
+    (["generate", "-q", "in4", "hi"], ["Did you mean 'int4'"]),
+    (["generate", "-r", "mlp=int3", "hi"], ["unknown quantization"]),
+    (["generate", "-r", "mlp(=int4", "hi"], ["bad regex"]),
+    (["generate", "-r", "mlp", "hi"], ["REGEX=FORMAT"]),
+    (["generate", "-c", "no-such-preset", "hi"], ["presets:"]),
+    (["generate", "--temperature", "-1", "hi"], ["temperature"]),
+])
+def test_user_mistakes_give_one_clear_error(args, fragments):
+    assert_clean_error(nibble(*args), *fragments)
+
+
+def test_corrupt_and_truncated_gguf(tmp_path, default_source):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    assert_clean_error(nibble("generate", "-m", str(bad), "hi"))
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(default_source.path.read_bytes()[:1_000_000])
+    assert_clean_error(nibble("generate", "-m", str(cut), "hi"), "cut.gguf")
+
+
+@pytest.mark.slow
+def test_generate_json_answers(default_source):
+    proc = nibble("generate", "-q", "int4", "--chat", "--json", "--max-tokens", "20",
+                  "What is the capital of France?")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert "Paris" in result["text"]
+    assert result["completion_tokens"] == len(result["token_ids"]) <= 20
+
+
+@pytest.mark.slow
+def test_chat_reads_turns_from_stdin(default_source):
+    proc = nibble("chat", "-q", "int8", "--temperature", "0", "--max-tokens", "20",
+                  stdin="What is the capital of France?\n/reset\n/exit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
+@pytest.mark.slow
+def test_inspect_reports_formats_and_bytes(default_source):
+    proc = nibble("inspect", "-q", "int4", "-r", "self_attn\\..*=int8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    formats = {m["name"]: m["format"] for m in data["modules"]}
+    assert formats["layers.0.self_attn.qkv_proj"] == "int8"
+    assert formats["layers.0.mlp.down_proj"] == "int4"
+    assert formats["lm_head"] == "bf16" and formats["embed_tokens"] == "bf16"
+    sizes = data["bytes_per_format"]
+    # int4-g128: 0.5 byte per weight plus fp32 scale and zero per group of 128.
+    gate_up = 576 * 3072
+    assert sizes["int4"] == 30 * (gate_up // 2 + 3072 * 5 * 8 + 1536 * 576 // 2 + 576 * 12 * 8)
+    assert sizes["int8"] == 30 * (960 * 576 + 960 * 4 + 576 * 576 + 576 * 4)  # + fp32 scales
+    # bf16: the embedding alone, which the tied lm_head shares (0 bytes of its own)
+    assert sizes["bf16"] == 49152 * 576 * 2
+    assert formats["norm"] == "fp32"  # norms follow the CPU's fp32 residual stream
+
+
+@pytest.mark.slow
+def test_quantize_then_generate_from_checkpoint(tmp_path, default_source):
+    out = tmp_path / "ckpt"
+    proc = nibble("quantize", "-q", "int4", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "nibble_quant.json").exists() and (out / "model.safetensors").exists()
+    proc = nibble("generate", "-m", str(out), "--chat", "--max-tokens", "20", "What is the capital of France?")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    assert_clean_error(nibble("quantize", "-q", "int8", "--out", str(out)), "not empty")
