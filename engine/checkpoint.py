@@ -44,11 +44,6 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
     }
 
 
-def _shares_embedding(model: LlamaModel) -> bool:
-    stored = model.lm_head.method.stored.get("weight")
-    return stored is not None and stored.data_ptr() == model.embed_tokens.weight.data_ptr()
-
-
 def save_checkpoint(model: LlamaModel, tokenizer, out_dir: Path, source: str) -> Path:
     """Writes the loaded (not yet prepared) model to ``out_dir``."""
     from safetensors.torch import save_file
@@ -57,7 +52,7 @@ def save_checkpoint(model: LlamaModel, tokenizer, out_dir: Path, source: str) ->
     tensors: dict[str, Tensor] = {}
     modules: dict[str, dict] = {}
     for name, lin in model.quant_linears().items():
-        if name == "lm_head" and _shares_embedding(model):
+        if name == "lm_head" and model.lm_head_shares_embedding():
             continue  # tied: rebuilt from the embedding on load
         stored = lin.method.require_stored()
         tensors.update({f"{name}.{k}": v.contiguous() for k, v in stored.items()})

@@ -31,7 +31,7 @@ class ModelRunner:
         batch = AttentionBatch.single(len(tokens), start + len(tokens), self.cache)
         hidden = self.model(ids, positions, batch)
         seq.num_cached += len(tokens)
-        logits = self.model.logits(hidden[-1:])
+        logits = self.model.logits(hidden[-1:]).cpu()  # sampling and its seeds live on the CPU
         (token, logprobs), = sample(logits, [seq])
         seq.append(token, logprobs)
 

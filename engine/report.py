@@ -19,10 +19,9 @@ class ModuleWeights:
 
 def module_weights(model: LlamaModel) -> list[ModuleWeights]:
     rows = []
-    embed_ptr = model.embed_tokens.weight.data_ptr()
+    tied = model.lm_head_shares_embedding()
     for name, lin in model.quant_linears().items():
-        stored = lin.method.stored.get("weight")
-        if stored is not None and stored.data_ptr() == embed_ptr:
+        if tied and lin is model.lm_head:
             rows.append(ModuleWeights(name, str(lin.spec), 0, "embed_tokens"))
             continue
         bias = lin.bias.numel() * lin.bias.element_size() if lin.bias is not None else 0

@@ -114,7 +114,16 @@ class LlamaModel(nn.Module):
         return {n: m for n, m in self.named_modules() if isinstance(m, QuantLinear)}
 
     def prepare(self, device: torch.device) -> None:
-        """Repacks every quantized weight for the kernels of ``device``; once, after loading."""
+        """Moves the model to ``device`` and repacks every quantized weight for its kernels;
+        once, after loading. A tied 16-bit lm_head keeps sharing the embedding's storage."""
+        tied = self.lm_head_shares_embedding()
+        self.to(device)  # parameters: embeddings and norms
+        if tied:
+            self.lm_head.method.stored = {"weight": self.embed_tokens.weight.data}
         for m in self.quant_linears().values():
             m.prepare(device)
         self.rotary.cos, self.rotary.sin = self.rotary.cos.to(device), self.rotary.sin.to(device)
+
+    def lm_head_shares_embedding(self) -> bool:
+        stored = self.lm_head.method.stored.get("weight")
+        return stored is not None and stored.data_ptr() == self.embed_tokens.weight.data_ptr()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import hub
+from engine import fetch, hub
 from engine.errors import (
     CheckpointError,
     ConfigError,
@@ -80,7 +80,7 @@ class FakePip:
 @pytest.fixture
 def pip(tmp_path, monkeypatch) -> FakePip:
     fake = FakePip(make_wheel(tmp_path / "wheels"))
-    monkeypatch.setattr(hub, "_run_pip", fake)
+    monkeypatch.setattr(fetch, "_run_pip", fake)
     return fake
 
 
