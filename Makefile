@@ -34,3 +34,4 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/quality.py

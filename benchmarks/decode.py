@@ -116,7 +116,7 @@ def _report(args, variants, runs) -> dict:
 
 
 def _table(report: dict) -> str:
-    lines = ["| variant | tok/s | vs transformers fp32 | weights (MiB) |", "|---|---:|---:|---:|"]
+    lines = ["| variant | tok/s | vs transformers fp32 | stored weights (MiB) |", "|---|---:|---:|---:|"]
     for r in report["results"]:
         ratio = f"{r['vs_transformers_fp32']:.2f}x" if r["vs_transformers_fp32"] else "-"
         lines.append(f"| {r['variant']} | {r['tok_per_s']:.1f} | {ratio} | {r['weight_mib']:.1f} |")
