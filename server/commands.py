@@ -33,6 +33,9 @@ def _llm(cfg: EngineConfig):
 def generate(args: argparse.Namespace, cfg: EngineConfig) -> int:
     prompts = [p for p in args.prompts if p != "-"]
     if not prompts:
+        if sys.stdin.isatty():
+            raise ConfigError("give a prompt: nibble generate \"Once upon a time\" (or pipe one "
+                              "into stdin); for a conversation use nibble chat")
         prompts = [sys.stdin.read()]
     if not any(p.strip() for p in prompts):
         raise ConfigError("the prompt is empty; pass text as an argument or on stdin")
@@ -122,8 +125,10 @@ def inspect(args: argparse.Namespace, cfg: EngineConfig) -> int:
     print(f"{loaded.source.name}  policy: {loaded.policy.describe()}")
     print(f"{'module':<44} {'format':>10} {'count':>6} {'MiB':>10}")
     table = [(r.name, r.format, 1, r.nbytes) for r in rows] if args.all else collapse_layers(rows)
+    shared = {r.name: r.shared_with for r in rows if r.shared_with}
     for name, fmt, count, nbytes in table:
-        print(f"{name:<44} {fmt:>10} {count:>6} {nbytes / 2**20:10.3f}")
+        note = f"  (shares {shared[name]})" if name in shared else ""
+        print(f"{name:<44} {fmt:>10} {count:>6} {nbytes / 2**20:10.3f}{note}")
     print("\nweight bytes per format:")
     total = sum(sizes.values())
     for fmt, n in sorted(sizes.items(), key=lambda kv: -kv[1]):
