@@ -29,30 +29,28 @@ How shapes the ops cannot serve are handled (decided at prepare, never per call)
   Correct and fast but it holds 16-bit weights; no layer of the supported models needs it
   (their K are multiples of 64).
 
-nf4 has no fused op.  Measured 2026-11-23 on a 2-core AMD EPYC with AVX512-BF16 (torch 2.13,
-2 threads, bf16 activations, group 64, weights from quantize_nf4; torch.utils.benchmark median
-of blocked_autorange(min_run_time=1 s), microseconds), K x N:
+nf4 has no fused op. benchmarks/nf4_cpu.py times the candidates (results in
+benchmarks/results/nf4-cpu-2026-11-23.json; 2-core AMD EPYC with AVX512-BF16, torch 2.13,
+bf16, group 64, median microseconds), K x N:
 
-    candidate                                   576x960   576x576   576x3072  1536x576
+    candidate                       576x960   576x576   576x3072  1536x576
     M = 1 (decode)
-      unpack + codebook index + scale + mm         872       548       3134      1577
-      256-entry byte->pair table + scale + mm      529       345       1718       899
-      per-call [K/2, 256] table of x, one gather   344       238        987      1362
-      torch.compile(unpack + index + scale + mm)   554       539       1586       815
-      dequantize once to bf16, F.linear             43        47        139        56
-      (int4 fused op on the same shape, for scale)  19        15         53        30
+      unpack + index + scale + mm      2897      1034       6316      2968
+      byte->pair table + scale + mm    1693       604       5371      1582
+      per-call x-table gather (gemv)    988       458       2582      1453
+      dequantize once, F.linear          87        45        215        82
+      (int4 fused op, for scale)         38        26        114        50
     M = 64 (prefill)
-      unpack + codebook index + scale + mm        1119      1079       3795      1839
-      256-entry byte->pair table + scale + mm      739       736       2270      1740
-      torch.compile(unpack + index + scale + mm)   847       561       2292      1490
-      dequantize once to bf16, F.linear            223       137        711       333
-      (int4 fused op on the same shape, for scale) 419       263       1362       665
+      unpack + index + scale + mm      2076      1938       7223      3719
+      byte->pair table + scale + mm    1266      1238       4357      2011
+      dequantize once, F.linear         369       236       1189       589
+      (int4 fused op, for scale)        846       505       2674      1600
 
-Chosen: dequantize once at prepare, F.linear per call.  Against the best candidate that keeps
-4-bit codes resident it is 5-15x faster at M = 1 and 3-4.5x at M = 64: CPU gathers do not
-vectorize, and every call would re-expand all N*K values.  The cost is memory: nf4 layers on
-CPU hold 16-bit weights (nf4 values, bf16 storage).  Note too that at M = 64 dense bf16 beats
-the int4 fused op by about 2x, which a batch-size-aware dispatch could use.
+Chosen: dequantize once at prepare, F.linear per call: 5-30x faster than any path that
+keeps 4-bit codes resident, because CPU gathers do not vectorize and every call would
+re-expand N*K values; the cost is 16-bit weight memory for nf4 layers on CPU. Note that at
+M = 64 dense bf16 also beats the int4 fused op (2.2-2.7x): prefill-sized batches would be
+faster through a dense path, a choice for batch-size dispatch.
 """
 
 from __future__ import annotations
