@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.config import ModelConfig, QuantPolicy
+from engine.config import ModelConfig
 from engine.errors import CheckpointError
 from engine.layers.linear import QuantLinear
 from engine.models.llama import LlamaModel
@@ -241,7 +241,3 @@ def check_complete(model: LlamaModel) -> None:
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint is missing weights for {shown}")
-
-
-def build_model(cfg: ModelConfig, policy: QuantPolicy, max_positions: int) -> LlamaModel:
-    return LlamaModel(cfg, policy, max_positions)

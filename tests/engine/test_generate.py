@@ -101,3 +101,18 @@ def test_reference_kernels_serve_the_model(monkeypatch):
     # the reference keeps the stored layout; the CPU path would have repacked it ("packed")
     assert int4 and all({"qweight", "scales", "zeros"} <= m.method._prepared.keys() for m in int4)
     assert "Paris" in llm.chat(QUESTION, SamplingParams(max_tokens=24, temperature=0))[0].text
+
+
+def test_abort_mid_generation_frees_the_engine(llm_factory):
+    llm = llm_factory("int4")
+    engine, params = llm.engine, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    ids = llm.encode_chat(QUESTION)
+    engine.add_request("a", ids, params)
+    engine.add_request("b", ids, params)
+    for _ in range(3):
+        engine.step()
+    assert engine.abort("a") and engine.abort("b")
+    assert not engine.has_unfinished() and engine.step() == []
+    assert not engine.abort("a")  # already gone
+    after = llm.chat(QUESTION, SamplingParams(max_tokens=24, temperature=0))[0]
+    assert "Paris" in after.text
