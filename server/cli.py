@@ -39,12 +39,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="global random seed (default 0)")
 
 
-def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+def _sampling_args(p: argparse.ArgumentParser, temperature: float, top_p: float = 1.0) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=256, help="new tokens at most (default 256)")
     g.add_argument("--temperature", "-t", type=float, default=temperature,
                    help=f"0 is greedy (default {temperature})")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    g.add_argument("--top-p", type=float, default=top_p,
+                   help=f"nucleus sampling mass (default {top_p}{': off' if top_p == 1.0 else ''})")
     g.add_argument("--top-k", type=int, default=-1, help="sample from the k most likely (default -1: off)")
     g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="default 1.0: off")
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(or Ctrl-D).")
     chat.add_argument("--system", help="system prompt")
     _model_args(chat)
-    _sampling_args(chat, temperature=0.7)
+    # Small models ramble at the usual 0.7; 0.2 / 0.9 is what SmolLM2's authors sample with.
+    _sampling_args(chat, temperature=0.2, top_p=0.9)
 
     quant = sub.add_parser("quantize", help="quantize a model and save a nibble checkpoint",
                            description="Quantize module by module while loading, then save "
