@@ -15,11 +15,11 @@ import json
 import re
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from engine.config import ModelConfig, QuantPolicy, QuantSpec
 from engine.errors import CheckpointError
+from engine.loader import set_param
 from engine.models.llama import LlamaModel
 from engine.progress import progress_bar
 
@@ -99,7 +99,8 @@ def load_checkpoint(model: LlamaModel, path: Path, progress: bool = True) -> Non
         for key in progress_bar(keys, desc="loading", unit="tensor", enabled=progress):
             tensor = f.get_tensor(key)
             if key in params:
-                _set_param(model, key, tensor, params[key])
+                module, _, kind = key.rpartition(".")
+                set_param(model.get_submodule(module), kind, tensor, key)
                 continue
             module, _, part = key.rpartition(".")
             if module not in linears:
@@ -110,11 +111,3 @@ def load_checkpoint(model: LlamaModel, path: Path, progress: bool = True) -> Non
         linears[name].load_quantized(tensors, bias)
     if model.config.tie_word_embeddings and "lm_head" not in pending:
         model.lm_head.load_shard("weight", 0, model.embed_tokens.weight.data)
-
-
-def _set_param(model: LlamaModel, key: str, tensor: Tensor, param: torch.nn.Parameter) -> None:
-    if param.shape != tensor.shape:
-        raise CheckpointError(f"{key} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-    param.data = tensor.to(param.dtype)
-    module = model.get_submodule(key.rpartition(".")[0])
-    module._loaded = True

@@ -49,9 +49,6 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "nibble"
 
 
-cache_dir = default_cache_dir  # the name engine/tokenizer.py imports
-
-
 def load_aliases(text: str | None = None) -> dict[str, ModelAlias]:
     """The aliases of configs/models.toml, or of ``text`` (TOML in the same schema)."""
     if text is None:

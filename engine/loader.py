@@ -217,7 +217,7 @@ def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, Tensor]], total
         if module is None:
             raise CheckpointError(f"checkpoint tensor {name} has no place in the model ({path})")
         if shard is None:
-            _copy_param(module, kind, w, name)
+            set_param(module, kind, w, name)
         else:
             module.load_shard(kind, shard, w)
         if tie and path == "embed_tokens":
@@ -226,7 +226,8 @@ def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, Tensor]], total
     check_complete(model)
 
 
-def _copy_param(module, kind: str, w: Tensor, name: str) -> None:
+def set_param(module, kind: str, w: Tensor, name: str) -> None:
+    """Fills an unquantized parameter (embedding, norm) in its own dtype; marks it loaded."""
     param = getattr(module, kind)
     if tuple(param.shape) != tuple(w.shape):
         raise CheckpointError(f"{name} has shape {tuple(w.shape)}, the model expects {tuple(param.shape)}")

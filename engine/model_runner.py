@@ -24,7 +24,7 @@ class ModelRunner:
 
     def step(self, seq: Sequence) -> None:
         """Prefills the prompt on the first call, then decodes one token per call."""
-        tokens = seq.all_token_ids[seq.num_cached:]
+        tokens = seq.uncached_token_ids()
         start = seq.num_cached
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + len(tokens), device=self.device)

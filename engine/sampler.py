@@ -23,10 +23,9 @@ def sample(logits: Tensor, seqs: list[Sequence]) -> list[tuple[int, dict[int, fl
 
 def _adjust(row: Tensor, seq: Sequence) -> Tensor:
     p = seq.params
-    if p.logit_bias:
-        row = row.clone()
-        ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.long)
-        row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype)
+    if seq.logit_bias is not None:
+        ids, bias = seq.logit_bias
+        row = row.index_add(0, ids, bias)
     if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
         row = _penalize(row, seq)
     return row

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -69,10 +70,28 @@ class Sequence:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def uncached_token_ids(self) -> list[int]:
+        """Tokens whose keys and values are not in the cache yet: the prompt on the first
+        step, then the last sampled token; never rebuilds the whole list."""
+        n = len(self.prompt_token_ids)
+        if self.num_cached < n:
+            return self.prompt_token_ids[self.num_cached:] + self.output_token_ids
+        return self.output_token_ids[self.num_cached - n:]
+
+    @functools.cached_property
+    def logit_bias(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(token ids, biases) built once per request instead of once per token."""
+        if not self.params.logit_bias:
+            return None
+        ids, vals = zip(*self.params.logit_bias.items(), strict=True)
+        return torch.tensor(ids, dtype=torch.long), torch.tensor(vals, dtype=torch.float32)
+
     def append(self, token_id: int, logprobs: dict[int, float] | None) -> None:
         self.output_token_ids.append(token_id)
         if logprobs is not None:
-            self.logprobs = (self.logprobs or []) + [logprobs]
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.append(logprobs)
         is_stop_token = token_id in self.params.stop_token_ids or (
             token_id in self.eos_token_ids and not self.params.ignore_eos)
         if not is_stop_token:

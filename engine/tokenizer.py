@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from engine.errors import CheckpointError
@@ -33,19 +36,15 @@ def load_tokenizer(kind: str, path: Path):
 
 
 def _cache_dir(gguf: Path) -> Path:
-    from engine.hub import cache_dir
+    from engine.hub import default_cache_dir
 
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / "tokenizers" / key
+    return default_cache_dir() / "tokenizers" / key
 
 
 def _save(tok, target: Path) -> None:
     """Saves into a temporary sibling and renames, so a reader never sees half a tokenizer."""
-    import os
-    import shutil
-    import tempfile
-
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tok-"))
     try:
