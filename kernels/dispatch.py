@@ -10,24 +10,34 @@ The engine asks once, at load:
 Every format and backend has this same signature, so callers never branch on either.
 `stored_tensors` uses the storage names of kernels/reference.py: "qweight", "scales" (int8,
 int4), "zeros" (int4), "absmax" (nf4).
+
+Backends: "cpu" (PyTorch's fused CPU ops, kernels/cpu.py) on CPU; "triton" (kernels/triton/)
+on CUDA, where its prepare also measures, per batch-size bucket, whether the fused kernel or
+dequantize-then-torch.matmul is faster, and `linear` picks by the number of rows;
+"reference" (kernels/reference.py) on CUDA without Triton, and in tests.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
 
 from kernels import cpu, reference
-from kernels.cpu import Prepared
+
+log = logging.getLogger("nibble.kernels")
 
 Format = Literal["int8", "int4", "nf4"]
-Backend = Literal["cpu", "reference"]  # "triton" joins when kernels/triton/ lands
+Backend = Literal["cpu", "reference", "triton"]
 
 FORMATS: tuple[str, ...] = ("int8", "int4", "nf4")
-BACKENDS: tuple[str, ...] = ("cpu", "reference")
+BACKENDS: tuple[str, ...] = ("cpu", "reference", "triton")
+
+# What prepare returns and linear reads: tensors plus sizes (and, for triton, the plan).
+Prepared = dict[str, Any]
 
 
 class PrepareFn(Protocol):
@@ -45,13 +55,25 @@ class LinearFn(Protocol):
     def __call__(self, x: Tensor, prepared: Prepared, bias: Tensor | None = None) -> Tensor: ...
 
 
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def backend_for(device: torch.device | str) -> Backend:
-    """The backend for tensors on `device`: "cpu" on CPU; "reference" on CUDA until the Triton
-    kernels exist (then return "triton" here)."""
+    """The backend for tensors on `device`: "cpu" on CPU; "triton" on CUDA ("reference", with a
+    warning, where Triton is not installed)."""
     kind = torch.device(device).type
     if kind == "cpu":
         return "cpu"
     if kind == "cuda":
+        if triton_available():
+            return "triton"
+        log.warning("Triton is not installed: quantized layers run the slow reference kernels "
+                    "(pip install 'nibble[gpu]')")
         return "reference"
     raise ValueError(f"no quantized kernels for device type {kind!r}; use 'cpu' or 'cuda'")
 
@@ -111,6 +133,54 @@ def _cpu_nf4_prepare(
     return cpu.nf4_prepare(tensors["qweight"], tensors["absmax"], g, K, act_dtype)
 
 
+# --- triton backend: repack once, tune per batch-size bucket, pick the path per call -----------
+
+
+def _triton_prepare(fmt: str) -> PrepareFn:
+    def prepare(tensors: Mapping[str, Tensor], *, K: int, group_size: int | None,
+                act_dtype: torch.dtype) -> Prepared:
+        from kernels.triton import layout, qgemm, tuning
+
+        g = _need_group(fmt, group_size) if fmt != "int8" else 0
+        N, code = tensors["qweight"].shape[0], layout.FORMAT_CODES[fmt]
+        w = layout.repack(fmt, tensors, K, g, act_dtype)
+        device = w["qweight"].device
+
+        def run(x: Tensor, cfg: qgemm.KernelConfig) -> Tensor:
+            return qgemm.linear(x, w, code, g, N, None, cfg)
+
+        key = tuning.shape_key(fmt, K, N, g, act_dtype)
+        plan = tuning.plan_for(key, run, K, act_dtype, device)
+        return {"w": w, "fmt": code, "group_size": g, "K": K, "N": N, "plan": plan}
+
+    return prepare
+
+
+def _triton_linear(x: Tensor, p: Prepared, bias: Tensor | None = None) -> Tensor:
+    from kernels.triton import qgemm, tuning
+
+    K, N = p["K"], p["N"]
+    x2 = x.reshape(-1, K)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    cfg = p["plan"][tuning.bucket_index(x2.shape[0])]
+    y = qgemm.linear(x2, p["w"], p["fmt"], p["group_size"], N, bias, cfg)
+    return y.view(*x.shape[:-1], N)
+
+
+def path_label(backend: str, prepared: Prepared, M: int) -> str:
+    """The name of the path a call with M rows takes, for logs and metrics: "cpu-fused",
+    "cpu-dense", "reference", or the Triton plan's "tiled", "split-k", "gemv" or
+    "dequant-matmul"."""
+    if backend == "triton":
+        from kernels.triton import tuning
+
+        return prepared["plan"][tuning.bucket_index(M)].label
+    if backend == "cpu":
+        return "cpu-dense" if cpu.is_dense(prepared) else "cpu-fused"
+    return backend
+
+
 _KERNELS: dict[tuple[str, str], tuple[PrepareFn, LinearFn]] = {
     ("int8", "reference"): (_ref_prepare, _ref_int8),
     ("int4", "reference"): (_ref_prepare, _ref_int4),
@@ -118,7 +188,9 @@ _KERNELS: dict[tuple[str, str], tuple[PrepareFn, LinearFn]] = {
     ("int8", "cpu"): (_cpu_int8_prepare, cpu.int8_linear),
     ("int4", "cpu"): (_cpu_int4_prepare, cpu.int4_linear),
     ("nf4", "cpu"): (_cpu_nf4_prepare, cpu.nf4_linear),
-    # ("int4", "triton"), ...: register the kernels/triton/ launchers here.
+    ("int8", "triton"): (_triton_prepare("int8"), _triton_linear),
+    ("int4", "triton"): (_triton_prepare("int4"), _triton_linear),
+    ("nf4", "triton"): (_triton_prepare("nf4"), _triton_linear),
 }
 
 

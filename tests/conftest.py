@@ -4,6 +4,7 @@ each variant is loaded once per test session."""
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -34,3 +35,10 @@ def llm_factory(default_source):
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+# Triton picks interpreted or compiled kernels when a kernel is defined, so the choice is made
+# here, before any test imports kernels/triton/: compiled on a CUDA machine, else the
+# interpreter on CPU tensors (NIBBLE_TEST_INTERPRET=1 forces it on a GPU machine too).
+if not torch.cuda.is_available() or os.environ.get("NIBBLE_TEST_INTERPRET") == "1":
+    os.environ["TRITON_INTERPRET"] = "1"

@@ -91,7 +91,8 @@ class PackedMethod(StoredMethod):
     def prepare(self, device: torch.device) -> None:
         from kernels import dispatch
 
-        prepare_fn, self._linear = dispatch.get_kernels(self.name, dispatch.backend_for(device))
+        self._backend = dispatch.backend_for(device)
+        prepare_fn, self._linear = dispatch.get_kernels(self.name, self._backend)
         tensors = {k: v.to(device) for k, v in self.stored.items()}
         self._prepared = prepare_fn(tensors, K=self.in_features, group_size=self.spec.group_size,
                                     act_dtype=self.act_dtype)
@@ -99,6 +100,12 @@ class PackedMethod(StoredMethod):
 
     def apply(self, x: Tensor, bias: Tensor | None) -> Tensor:
         return self._linear(x, self._prepared, bias)
+
+    def kernel_path(self, M: int) -> str:
+        """Which kernel path serves a call with M rows (a label for logs and metrics)."""
+        from kernels import dispatch
+
+        return dispatch.path_label(self._backend, self._prepared, M)
 
     def config(self) -> dict:
         out = {"format": str(self.spec)}

@@ -1,13 +1,6 @@
 """CPU kernels against the reference, over shapes that are not tile-aligned.
 
-Tolerance (derived, not tuned).  With u the unit roundoff of the activation dtype
-(2**-8 bf16, 2**-11 fp16, 2**-24 fp32) and x exactly representable in it:
-- each dequantized weight passes through at most two roundings to the activation dtype
-  (scale and zero, or the dequantized value), so |dW| <= 2u * A with A = |q-8|*s + |z| for
-  int4 and |W| for int8 and nf4;
-- both sides accumulate K products in fp32 in different orders: <= K * 2**-24 * |x| @ A.T each;
-- the output (and the bias added to it) is rounded to the activation dtype: <= 2u * (|y| + |b|).
-A wrong group, nibble or scale gives errors of the order of |y| itself, far above this bound.
+The error bound is derived in tests/kernels/cases.py.
 """
 
 from __future__ import annotations
@@ -17,6 +10,7 @@ import torch
 
 from kernels import cpu, dispatch
 from kernels import reference as R
+from tests.kernels.cases import assert_within_bound, magnitude, quantize, reference, weights
 
 DTYPES = [torch.bfloat16, torch.float32]
 MS = [1, 3, 17, 64]
@@ -25,61 +19,17 @@ KS = [64, 192, 576, 1536]
 GROUPS = [32, 64, 128]
 
 
-def _weights(N: int, K: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(N, K, generator=g) * (torch.rand(N, 1, generator=g) * 0.1 + 0.01)
-
-
-def _quantize(fmt: str, w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
-    if fmt == "int8":
-        qweight, scales = R.quantize_int8(w)
-        return {"qweight": qweight, "scales": scales}
-    if fmt == "int4":
-        qweight, scales, zeros = R.quantize_int4(w, group_size)
-        return {"qweight": qweight, "scales": scales, "zeros": zeros}
-    qweight, absmax = R.quantize_nf4(w, group_size)
-    return {"qweight": qweight, "absmax": absmax}
-
-
-def _magnitude(fmt: str, t: dict[str, torch.Tensor], K: int, g: int) -> torch.Tensor:
-    """A [N, K]: what the weight rounding error scales with (see the module docstring)."""
-    if fmt == "int4":
-        q = R.unpack_nibbles(t["qweight"], K).float()
-        s, z = R.expand_groups(t["scales"], K, g), R.expand_groups(t["zeros"], K, g)
-        return (q - 8).abs() * s + z.abs()
-    if fmt == "int8":
-        return R.dequantize_int8(t["qweight"], t["scales"]).abs()
-    return R.dequantize_nf4(t["qweight"], t["absmax"], g, K).abs()
-
-
-def _reference(fmt: str, x, t, g, bias=None) -> torch.Tensor:
-    prepare, linear = dispatch.get_kernels(fmt, "reference")
-    return linear(x, prepare(t, K=x.shape[-1], group_size=g, act_dtype=x.dtype), bias)
-
-
-def _assert_within_bound(y, y_ref, x, A, bias=None):
-    u = torch.finfo(x.dtype).eps / 2
-    K = x.shape[-1]
-    xa = x.float().abs().reshape(-1, K) @ A.T
-    b = bias.float().abs() if bias is not None else 0.0
-    y_ref = y_ref.float().reshape(xa.shape)
-    tol = (2 * u + 2 * K * 2.0**-24) * xa + 2 * u * (y_ref.abs() + b) + 1e-6
-    err = (y.float().reshape(xa.shape) - y_ref).abs()
-    worst = (err / tol).max().item()
-    assert worst <= 1.0, f"error exceeds the rounding bound by {worst:.2f}x"
-
-
 def _check(fmt: str, N: int, K: int, g: int, dtype: torch.dtype, seed: int):
-    t = _quantize(fmt, _weights(N, K, seed), g)
+    t = quantize(fmt, weights(N, K, seed), g)
     prepare, linear = dispatch.get_kernels(fmt, "cpu")
     prepared = prepare(t, K=K, group_size=g, act_dtype=dtype)
-    A = _magnitude(fmt, t, K, g)
+    A = magnitude(fmt, t, K, g)
     x_all = torch.randn(max(MS), K, generator=torch.Generator().manual_seed(seed)).to(dtype)
     for M in MS:
         x = x_all[:M]
         y = linear(x, prepared)
         assert y.dtype == dtype and y.shape == (M, N)
-        _assert_within_bound(y, _reference(fmt, x, t, g), x, A)
+        assert_within_bound(y, reference(fmt, x, t, g), x, A)
     return prepared
 
 
@@ -87,7 +37,7 @@ def _check(fmt: str, N: int, K: int, g: int, dtype: torch.dtype, seed: int):
 @pytest.mark.parametrize("g", GROUPS)
 @pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("N", NS)
-def test_int4_matches_reference(N, K, g, dtype):
+def test_int4_matchesreference(N, K, g, dtype):
     prepared = _check("int4", N, K, g, dtype, seed=N + K + g)
     # Every shape here is served by the fused op; ragged groups shrink the kernel group.
     assert not cpu.is_dense(prepared)
@@ -97,7 +47,7 @@ def test_int4_matches_reference(N, K, g, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("N", NS)
-def test_int8_matches_reference(N, K, dtype):
+def test_int8_matchesreference(N, K, dtype):
     assert not cpu.is_dense(_check("int8", N, K, 0, dtype, seed=N + K))
 
 
@@ -105,7 +55,7 @@ def test_int8_matches_reference(N, K, dtype):
 @pytest.mark.parametrize("g", GROUPS)
 @pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("N", NS)
-def test_nf4_matches_reference(N, K, g, dtype):
+def test_nf4_matchesreference(N, K, g, dtype):
     _check("nf4", N, K, g, dtype, seed=N + K + g)
 
 
@@ -134,7 +84,7 @@ def test_fp16_activations(fmt):
 
 
 def test_int4_pads_n_to_16():
-    t = _quantize("int4", _weights(200, 64, 0), 32)
+    t = quantize("int4", weights(200, 64, 0), 32)
     prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 32, 64)
     assert prepared["packed"].shape[0] == 208 and prepared["N"] == 200
 
@@ -143,14 +93,14 @@ def test_int4_pads_n_to_16():
 @pytest.mark.parametrize("fmt", ["int8", "int4", "nf4"])
 def test_leading_dims_and_bias(fmt, dtype):
     K, N, g = 192, 96, 64
-    t = _quantize(fmt, _weights(N, K, 7), g)
+    t = quantize(fmt, weights(N, K, 7), g)
     prepare, linear = dispatch.get_kernels(fmt, "cpu")
     prepared = prepare(t, K=K, group_size=g, act_dtype=dtype)
     x = torch.randn(2, 5, K).to(dtype)
     bias = torch.randn(N).to(dtype)
     y = linear(x, prepared, bias)
     assert y.shape == (2, 5, N) and y.dtype == dtype
-    _assert_within_bound(y, _reference(fmt, x, t, g, bias), x, _magnitude(fmt, t, K, g), bias)
+    assert_within_bound(y, reference(fmt, x, t, g, bias), x, magnitude(fmt, t, K, g), bias)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -159,7 +109,7 @@ def test_leading_dims_and_bias(fmt, dtype):
     [("int8", 576, 0), ("int4", 576, 128), ("nf4", 576, 128), ("int4", 48, 32), ("int8", 72, 0)],
 )
 def test_row_does_not_depend_on_batch(fmt, K, g, dtype):
-    t = _quantize(fmt, _weights(200, K, 11), g)
+    t = quantize(fmt, weights(200, K, 11), g)
     prepare, linear = dispatch.get_kernels(fmt, "cpu")
     prepared = prepare(t, K=K, group_size=g, act_dtype=dtype)
     x = torch.randn(17, K).to(dtype)
@@ -172,7 +122,7 @@ def test_row_does_not_depend_on_batch(fmt, K, g, dtype):
 
 
 def test_wrong_activation_dtype_says_how_to_fix():
-    t = _quantize("int4", _weights(96, 64, 0), 32)
+    t = quantize("int4", weights(96, 64, 0), 32)
     prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 32, 64, torch.bfloat16)
     with pytest.raises(TypeError, match="act_dtype=torch.float32"):
         cpu.int4_linear(torch.randn(1, 64), prepared)
@@ -180,7 +130,8 @@ def test_wrong_activation_dtype_says_how_to_fix():
 
 def test_dispatch_backends_and_errors():
     assert dispatch.backend_for("cpu") == "cpu"
-    assert dispatch.backend_for(torch.device("cuda", 0)) == "reference"
+    want = "triton" if dispatch.triton_available() else "reference"
+    assert dispatch.backend_for(torch.device("cuda", 0)) == want
     with pytest.raises(ValueError, match="valid: int8, int4, nf4"):
         dispatch.get_kernels("int3", "cpu")
     with pytest.raises(ValueError, match="group_size"):

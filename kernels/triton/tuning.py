@@ -1,0 +1,155 @@
+"""Which path serves which batch size, measured once per GPU and layer shape.
+
+For every M bucket (1, 2, 4, ..., 256) the tuner times each candidate launch of the fused
+kernel and the dequantize-then-torch.matmul path on the real weights, keeps the fastest, and
+caches the choice in $NIBBLE_CACHE/tuning/<gpu name>.json (the Triton version is part of each
+key), so later starts read it instead of measuring. The plan is a tuple with one KernelConfig
+per bucket; a call with M rows takes the first bucket >= M (the last one beyond 256).
+
+Under TRITON_INTERPRET=1 (CPU, tests) or with NIBBLE_TUNE=0 nothing is timed: the fixed
+DEFAULT_PLAN serves, labelled "untuned" in the log line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import triton
+from torch import Tensor
+
+from kernels.triton import qgemm
+from kernels.triton.qgemm import KernelConfig
+
+log = logging.getLogger("nibble.kernels")
+
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_BUCKET_OF = [next(i for i, b in enumerate(M_BUCKETS) if m <= b) for m in range(M_BUCKETS[-1] + 1)]
+
+_SKINNY = KernelConfig(block_m=16, block_n=64, block_k=64, split_k=4)
+_TILED = KernelConfig(block_m=64, block_n=64, block_k=64, num_stages=3)
+DEFAULT_PLAN = tuple(_SKINNY if m <= 16 else _TILED for m in M_BUCKETS)
+
+Timer = Callable[[Callable[[], object]], float]  # runs a callable, returns milliseconds
+
+
+def bucket_index(rows: int) -> int:
+    """Index into M_BUCKETS of the bucket serving a call with this many rows."""
+    return _BUCKET_OF[rows] if rows < len(_BUCKET_OF) else len(M_BUCKETS) - 1
+
+
+def candidates(M: int) -> list[KernelConfig]:
+    """The launches worth timing for M rows: skinny ones for decode, tiles for prefill, and
+    always dequantize-then-matmul."""
+    out: list[KernelConfig] = []
+    if M <= 16:
+        for bn in (32, 64, 128):
+            for bk in (64, 128):
+                for split in (1, 2, 4, 8):
+                    out.append(KernelConfig(block_m=16, block_n=bn, block_k=bk, split_k=split))
+        if M <= 4:
+            for bn in (32, 64):
+                for split in (1, 4):
+                    out.append(KernelConfig(block_m=M, block_n=bn, block_k=64, split_k=split,
+                                            use_dot=False))
+    else:
+        for bm in sorted({min(M, 64), min(M, 128)}):
+            for bn in (64, 128):
+                for bk in (32, 64):
+                    warps = 8 if bm * bn >= 128 * 128 else 4
+                    out.append(KernelConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
+                                            num_stages=4 if bk == 32 else 3))
+    out.append(KernelConfig(dense=True))
+    return out
+
+
+def gpu_timer(fn: Callable[[], object]) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=40)
+
+
+def cache_path(device: torch.device) -> Path:
+    root = os.environ.get("NIBBLE_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nibble"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", torch.cuda.get_device_name(device))
+    return Path(root).expanduser() / "tuning" / f"{name}.json"
+
+
+def shape_key(fmt: str, K: int, N: int, group_size: int | None, dtype: torch.dtype) -> str:
+    dt = str(dtype).removeprefix("torch.")
+    return f"triton{triton.__version__}/{fmt}/g{group_size or 0}/{dt}/K{K}/N{N}"
+
+
+def measure_plan(run: Callable[[Tensor, KernelConfig], Tensor], K: int, dtype: torch.dtype,
+                 device: torch.device, timer: Timer) -> list[dict]:
+    """For each bucket: the fastest candidate and its time, with torch's dense-matmul time
+    alongside for the log. `run(x, cfg)` computes the layer for x [M, K] through cfg."""
+    rows = []
+    for M in M_BUCKETS:
+        x = torch.randn(M, K, device=device, dtype=dtype)
+        best, best_ms = None, float("inf")
+        for cfg in candidates(M):
+            try:
+                ms = timer(lambda x=x, cfg=cfg: run(x, cfg))
+            except (triton.runtime.errors.OutOfResources, RuntimeError) as exc:
+                log.debug("skipping %s at M=%d: %s", cfg.describe(), M, exc)
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        if best is None:
+            raise RuntimeError(f"no kernel candidate ran for M={M}, K={K}")
+        rows.append({"m": M, "ms": best_ms, "config": asdict(best)})
+    return rows
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def plan_for(key: str, run: Callable[[Tensor, KernelConfig], Tensor], K: int,
+             dtype: torch.dtype, device: torch.device, timer: Timer | None = None,
+             path: Path | None = None) -> tuple[KernelConfig, ...]:
+    """The plan for one layer shape: cached, measured now, or DEFAULT_PLAN where nothing may
+    be timed (see the module docstring)."""
+    if timer is None:
+        if device.type != "cuda" or qgemm.interpreting() or os.environ.get("NIBBLE_TUNE") == "0":
+            _log_plan(key, DEFAULT_PLAN, "untuned")
+            return DEFAULT_PLAN
+        timer = gpu_timer
+    path = path or cache_path(device)
+    cached = _read(path)
+    if key in cached:
+        rows, source = cached[key], f"cached in {path}"
+    else:
+        log.info("tuning %s for batch sizes %s ...", key, ",".join(map(str, M_BUCKETS)))
+        rows, source = measure_plan(run, K, dtype, device, timer), "measured"
+        _write(path, {**_read(path), key: rows})
+    plan = tuple(KernelConfig(**row["config"]) for row in rows)
+    _log_plan(key, plan, source)
+    return plan
+
+
+def _log_plan(key: str, plan: tuple[KernelConfig, ...], source: str) -> None:
+    spans, start = [], 0
+    for i in range(1, len(plan) + 1):
+        if i == len(plan) or plan[i].label != plan[start].label:
+            lo, hi = M_BUCKETS[start - 1] + 1 if start else 1, M_BUCKETS[i - 1]
+            hi_s = f"{hi}" if i < len(plan) else f"{hi}+"
+            spans.append(f"M {lo}-{hi_s}: {plan[start].label}")
+            start = i
+    log.info("kernel dispatch %s (%s): %s", key, source, "; ".join(spans))

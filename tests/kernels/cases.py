@@ -1,0 +1,63 @@
+"""Quantized test weights, the reference output, and the rounding bound kernels are held to.
+
+Tolerance (derived, not tuned).  With u the unit roundoff of the activation dtype
+(2**-8 bf16, 2**-11 fp16, 2**-24 fp32) and x exactly representable in it:
+- each dequantized weight passes through at most `roundings` roundings to the activation
+  dtype (CPU ops: scale and zero, or the dequantized value: 2; Triton: scale, offset and the
+  dequantized tile before a tensor-core dot: 3), so |dW| <= roundings * u * A with
+  A = |q-8|*s + |z| for int4 and |W| for int8 and nf4;
+- both sides accumulate K products in fp32 in different orders: <= K * 2**-24 * |x| @ A.T each;
+- the output (and the bias added to it) is rounded to the activation dtype: <= 2u * (|y| + |b|).
+A wrong group, nibble or scale gives errors of the order of |y| itself, far above this bound.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import dispatch
+from kernels import reference as R
+
+
+def weights(N: int, K: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, K, generator=g) * (torch.rand(N, 1, generator=g) * 0.1 + 0.01)
+
+
+def quantize(fmt: str, w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    if fmt == "int8":
+        qweight, scales = R.quantize_int8(w)
+        return {"qweight": qweight, "scales": scales}
+    if fmt == "int4":
+        qweight, scales, zeros = R.quantize_int4(w, group_size)
+        return {"qweight": qweight, "scales": scales, "zeros": zeros}
+    qweight, absmax = R.quantize_nf4(w, group_size)
+    return {"qweight": qweight, "absmax": absmax}
+
+
+def magnitude(fmt: str, t: dict[str, torch.Tensor], K: int, g: int) -> torch.Tensor:
+    """A [N, K]: what the weight rounding error scales with (see the module docstring)."""
+    if fmt == "int4":
+        q = R.unpack_nibbles(t["qweight"], K).float()
+        s, z = R.expand_groups(t["scales"], K, g), R.expand_groups(t["zeros"], K, g)
+        return (q - 8).abs() * s + z.abs()
+    if fmt == "int8":
+        return R.dequantize_int8(t["qweight"], t["scales"]).abs()
+    return R.dequantize_nf4(t["qweight"], t["absmax"], g, K).abs()
+
+
+def reference(fmt: str, x, t, g, bias=None) -> torch.Tensor:
+    prepare, linear = dispatch.get_kernels(fmt, "reference")
+    return linear(x, prepare(t, K=x.shape[-1], group_size=g, act_dtype=x.dtype), bias)
+
+
+def assert_within_bound(y, y_ref, x, A, bias=None, roundings: int = 2):
+    u = torch.finfo(x.dtype).eps / 2
+    K = x.shape[-1]
+    xa = x.float().abs().reshape(-1, K) @ A.T
+    b = bias.float().abs() if bias is not None else 0.0
+    y_ref = y_ref.float().reshape(xa.shape)
+    tol = (roundings * u + 2 * K * 2.0**-24) * xa + 2 * u * (y_ref.abs() + b) + 1e-6
+    err = (y.float().reshape(xa.shape) - y_ref).abs()
+    worst = (err / tol).max().item()
+    assert worst <= 1.0, f"error exceeds the rounding bound by {worst:.2f}x"

@@ -1,0 +1,239 @@
+"""Triton kernels against the reference: every path, format, group size and activation dtype.
+
+On a machine without a GPU these run under TRITON_INTERPRET=1 on CPU tensors (tests/conftest.py
+sets it), on a GPU machine compiled on CUDA. Shapes are small so the interpreter stays quick,
+and chosen to cross tile edges: N = 200 is no multiple of any BLOCK_N, K = 320 leaves a ragged
+last group of 64 at g = 128, K = 99 a ragged word of codes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels import dispatch  # noqa: E402
+from kernels import reference as R  # noqa: E402
+from kernels.triton import layout, qgemm, tuning  # noqa: E402
+from kernels.triton.qgemm import KernelConfig  # noqa: E402
+from tests.kernels.cases import assert_within_bound, quantize, reference, weights  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() and not qgemm.interpreting() else "cpu"
+DTYPES = [torch.bfloat16, torch.float16]
+MS = [1, 3, 17, 64]
+N = 200
+
+PATHS = {
+    "tiled": KernelConfig(block_m=16, block_n=64, block_k=32),
+    "tiled-wide": KernelConfig(block_m=32, block_n=128, block_k=64),
+    "split-k": KernelConfig(block_m=16, block_n=64, block_k=64, split_k=3),
+    "gemv": KernelConfig(block_m=4, block_n=64, block_k=32, split_k=2, use_dot=False),
+    "dequant-matmul": KernelConfig(dense=True),
+}
+
+
+def _triton_magnitude(fmt: str, t: dict, K: int, g: int) -> torch.Tensor:
+    """A for the Triton layout: int4 computes q * s + (z - 8s), so its roundings scale with
+    q * s + |z - 8s| (see tests/kernels/cases.py for the bound)."""
+    if fmt == "int4":
+        q = R.unpack_nibbles(t["qweight"], K).float()
+        s, z = R.expand_groups(t["scales"], K, g), R.expand_groups(t["zeros"], K, g)
+        return q * s + (z - 8 * s).abs()
+    if fmt == "int8":
+        return R.dequantize_int8(t["qweight"], t["scales"]).abs()
+    return R.dequantize_nf4(t["qweight"], t["absmax"], g, K).abs()
+
+
+def _case(fmt: str, K: int, g: int, dtype: torch.dtype, seed: int):
+    t = quantize(fmt, weights(N, K, seed), g)
+    w = layout.repack(fmt, {k: v.to(DEVICE) for k, v in t.items()}, K, g, dtype)
+    x = torch.randn(max(MS), K, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return t, w, x
+
+
+def _run(fmt, w, x, g, cfg, bias=None):
+    y = qgemm.linear(x.to(DEVICE), w, layout.FORMAT_CODES[fmt], g, N,
+                     None if bias is None else bias.to(DEVICE), cfg)
+    return y.cpu()
+
+
+def _check_paths(fmt: str, K: int, g: int, dtype: torch.dtype, paths: list[str]):
+    t, w, x_all = _case(fmt, K, g, dtype, seed=K + g)
+    A = _triton_magnitude(fmt, t, K, g)
+    for name in paths:
+        cfg = PATHS[name]
+        for M in MS if name != "gemv" else [1, 3]:
+            x = x_all[:M]
+            y = _run(fmt, w, x, g, cfg)
+            assert y.dtype == dtype and y.shape == (M, N), name
+            assert_within_bound(y, reference(fmt, x, t, g), x, A, roundings=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+def test_grouped_formats_match_reference(fmt, g, dtype):
+    _check_paths(fmt, 320, g, dtype, list(PATHS))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_int8_matches_reference(dtype):
+    _check_paths("int8", 320, 0, dtype, list(PATHS))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nf4", "int8"])
+def test_k_not_a_multiple_of_8(fmt):
+    _check_paths(fmt, 99, 32, torch.bfloat16, ["tiled", "split-k"])
+
+
+def test_symmetric_int4():
+    t = {k: v for k, v in zip(("qweight", "scales", "zeros"),
+                              R.quantize_int4(weights(N, 128, 5), 64, symmetric=True), strict=True)}
+    w = layout.repack("int4", {k: v.to(DEVICE) for k, v in t.items()}, 128, 64, torch.float16)
+    x = torch.randn(5, 128).half()
+    assert_within_bound(_run("int4", w, x, 64, PATHS["tiled"]), reference("int4", x, t, 64), x,
+                        _triton_magnitude("int4", t, 128, 64), roundings=3)
+
+
+@pytest.mark.parametrize("path", ["tiled", "split-k", "dequant-matmul"])
+def test_bias_and_leading_dims_through_dispatch(path, monkeypatch):
+    K, g = 192, 64
+    t = quantize("int4", weights(N, K, 9), g)
+    prepare, linear = dispatch.get_kernels("int4", "triton")
+    prepared = prepare({k: v.to(DEVICE) for k, v in t.items()}, K=K, group_size=g,
+                       act_dtype=torch.bfloat16)
+    prepared["plan"] = (PATHS[path],) * len(tuning.M_BUCKETS)
+    x, bias = torch.randn(2, 3, K).bfloat16(), torch.randn(N).bfloat16()
+    y = linear(x.to(DEVICE), prepared, bias.to(DEVICE)).cpu()
+    assert y.shape == (2, 3, N) and y.dtype == torch.bfloat16
+    assert_within_bound(y, reference("int4", x, t, g, bias), x,
+                        _triton_magnitude("int4", t, K, g), bias, roundings=3)
+    assert dispatch.path_label("triton", prepared, 6) == path
+
+
+@pytest.mark.parametrize("path", ["tiled", "tiled-wide", "gemv", "dequant-matmul"])
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_row_does_not_depend_on_batch(fmt, path):
+    _, w, x = _case(fmt, 320, 128, torch.bfloat16, seed=4)
+    cfg = PATHS[path]
+    alone = _run(fmt, w, x[:1], 128, cfg)
+    for M in (3, 17) if path != "gemv" else (3,):
+        assert torch.equal(alone, _run(fmt, w, x[:M], 128, cfg)[:1]), f"M={M}"
+
+
+def test_layout_round_trip():
+    for K in (1, 7, 8, 99, 320):
+        codes = torch.randint(0, 16, (N, K), dtype=torch.uint8)
+        words = layout.pack_k_major(codes)
+        assert words.dtype == torch.int32 and words.shape == (-(-K // 8), N)
+        assert torch.equal(layout.unpack_k_major(words, K), codes)
+    # code k sits in bits 4*(k % 8): k = 7 is the top nibble, which makes the word negative
+    codes = torch.zeros(1, 8, dtype=torch.uint8)
+    codes[0, 7] = 0xF
+    assert layout.pack_k_major(codes).item() == -(2**28)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nf4", "int8"])
+def test_layout_dequantizes_to_the_stored_weights(fmt):
+    t = quantize(fmt, weights(N, 320, 2), 128)
+    w = layout.repack(fmt, t, 320, 128, torch.float32)
+    ref = {"int4": lambda: R.dequantize_int4(t["qweight"], t["scales"], t["zeros"], 128, 320),
+           "nf4": lambda: R.dequantize_nf4(t["qweight"], t["absmax"], 128, 320),
+           "int8": lambda: R.dequantize_int8(t["qweight"], t["scales"])}[fmt]()
+    torch.testing.assert_close(layout.dequantize(fmt, w, 320, 128), ref, rtol=0, atol=1e-6)
+
+
+# --- dispatch and tuning ---------------------------------------------------------------------
+
+
+def test_bucket_index():
+    assert [tuning.M_BUCKETS[tuning.bucket_index(m)] for m in (1, 2, 3, 16, 17, 256, 257, 4096)] \
+        == [1, 2, 4, 16, 32, 256, 256, 256]
+
+
+def test_tuner_picks_the_fastest_path_per_bucket_and_caches_it(tmp_path, caplog):
+    """A scripted timer: the fused split-k kernel wins up to M = 16, dequant-matmul beyond."""
+    timed = []
+
+    def timer(fn):
+        fn()
+        cfg, M = timed[-1]
+        fused_small = cfg.split_k == 4 and cfg.block_n == 64 and cfg.block_k == 64
+        if M <= 16:
+            return 1.0 if fused_small else 2.0
+        return 1.0 if cfg.dense else 3.0
+
+    t = quantize("int4", weights(64, 64, 0), 32)
+    w = layout.repack("int4", t, 64, 32, torch.bfloat16)
+
+    def run(x, cfg):
+        timed.append((cfg, x.shape[0]))
+        return torch.zeros(x.shape[0], 64)
+
+    path = tmp_path / "gpu.json"
+    with caplog.at_level(logging.INFO, logger="nibble.kernels"):
+        plan = tuning.plan_for("k", run, 64, torch.bfloat16, torch.device("cpu"), timer, path)
+    assert [c.label for c in plan] == ["split-k"] * 5 + ["dequant-matmul"] * 4
+    assert "M 1-16: split-k; M 17-256+: dequant-matmul" in caplog.text
+    assert {M for _, M in timed} == set(tuning.M_BUCKETS)
+
+    def no_timer(fn):
+        raise AssertionError("a cached plan must not be measured again")
+
+    assert tuning.plan_for("k", run, 64, torch.bfloat16, torch.device("cpu"), no_timer,
+                           path) == plan
+    del w
+
+
+def test_untuned_plan_off_gpu(caplog):
+    with caplog.at_level(logging.INFO, logger="nibble.kernels"):
+        plan = tuning.plan_for("k", None, 64, torch.bfloat16, torch.device("cpu"))
+    assert plan == tuning.DEFAULT_PLAN and "untuned" in caplog.text
+
+
+def test_cuda_gets_the_triton_backend():
+    assert dispatch.backend_for(torch.device("cuda", 0)) == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+def test_tuning_measures_on_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("NIBBLE_CACHE", str(tmp_path))
+    t = quantize("int4", weights(256, 256, 0), 128)
+    prepare, _ = dispatch.get_kernels("int4", "triton")
+    prepared = prepare({k: v.cuda() for k, v in t.items()}, K=256, group_size=128,
+                       act_dtype=torch.float16)
+    assert len(prepared["plan"]) == len(tuning.M_BUCKETS)
+    assert list((tmp_path / "tuning").glob("*.json"))
+
+
+# --- the model through the QuantMethod seam ---------------------------------------------------
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8", "nf4"])
+def test_quantized_model_runs_on_triton_kernels(tmp_path, default_source, monkeypatch, quant):
+    """The path CUDA takes: the same QuantMethods, prepared by the Triton backend, give the
+    CPU ops' logits on a tiny random Llama (the layers are untouched)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine import LLM
+    from engine.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=96,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    load_tokenizer("gguf", default_source.path).save_pretrained(tmp_path)
+    ids = list(range(100, 140))
+    cpu_logits = LLM(str(tmp_path), quant=quant, progress=False, max_model_len=128).score(ids)
+    monkeypatch.setattr(dispatch, "backend_for", lambda device: "triton")
+    llm = LLM(str(tmp_path), quant=quant, progress=False, max_model_len=128)
+    linears = [m for m in llm.model.quant_linears().values() if m.spec.method == quant]
+    assert linears and all("plan" in m.method._prepared for m in linears)
+    assert linears[0].method.kernel_path(1) == tuning.DEFAULT_PLAN[0].label
+    logits = llm.score(ids)
+    err = (logits - cpu_logits).abs().max().item()
+    assert err <= 0.02 * cpu_logits.abs().max().item(), err
