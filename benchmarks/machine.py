@@ -26,6 +26,13 @@ def machine_info() -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
     try:
         import psutil
 

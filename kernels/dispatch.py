@@ -20,6 +20,7 @@ dequantize-then-torch.matmul is faster, and `linear` picks by the number of rows
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
@@ -65,7 +66,14 @@ def triton_available() -> bool:
 
 def backend_for(device: torch.device | str) -> Backend:
     """The backend for tensors on `device`: "cpu" on CPU; "triton" on CUDA ("reference", with a
-    warning, where Triton is not installed)."""
+    warning, where Triton is not installed). $NIBBLE_KERNELS names one to force instead (for
+    comparisons, and to run the Triton kernels on CPU under TRITON_INTERPRET=1)."""
+    forced = os.environ.get("NIBBLE_KERNELS")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"NIBBLE_KERNELS={forced!r} is not a kernel backend; "
+                             f"valid: {', '.join(BACKENDS)}")
+        return forced  # type: ignore[return-value]
     kind = torch.device(device).type
     if kind == "cpu":
         return "cpu"

@@ -69,28 +69,31 @@ class KernelConfig:
 @triton.jit
 def _dequant_tile(w_ptr, s_ptr, o_ptr, offs_k, offs_n, k0, K, N, stride_wk, stride_sg,
                   FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 [BLOCK_K, BLOCK_N] tile of W (int8: unscaled codes); zeros outside [K, N]."""
+    """fp32 [BLOCK_K, BLOCK_N] tile of W (int8: unscaled codes); zeros outside [K, N].
+    One return at the end: the format branches are constexpr and compile away."""
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
     if FMT == 0:  # int8 [K, N]
         q = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], mask=mask, other=0)
-        return q.to(tl.float32)
-    # int4 / nf4: int32 words [K/8, N]; each word is loaded by 8 consecutive k (cache hits)
-    words = tl.load(w_ptr + (offs_k[:, None] // 8) * stride_wk + offs_n[None, :],
-                    mask=mask, other=0)
-    q = (words >> ((offs_k[:, None] % 8) * 4)) & 0xF
-    if GROUP % BLOCK_K == 0:
-        # The tile lies inside one group: one row of scales serves all BLOCK_K rows.
-        g_off = (k0 // GROUP) * stride_sg + offs_n[None, :]
-        s_mask = offs_n[None, :] < N
+        w = q.to(tl.float32)
     else:
-        g_off = (offs_k[:, None] // GROUP) * stride_sg + offs_n[None, :]
-        s_mask = mask
-    s = tl.load(s_ptr + g_off, mask=s_mask, other=0.0).to(tl.float32)
-    if FMT == 1:  # int4: q * scale + offset
-        o = tl.load(o_ptr + g_off, mask=s_mask, other=0.0).to(tl.float32)
-        return q.to(tl.float32) * s + o
-    # nf4: o_ptr is the 16-entry codebook
-    return tl.load(o_ptr + q) * s
+        # int4 / nf4: int32 words [K/8, N]; 8 consecutive k load the same word (cache hits)
+        words = tl.load(w_ptr + (offs_k[:, None] // 8) * stride_wk + offs_n[None, :],
+                        mask=mask, other=0)
+        q = (words >> ((offs_k[:, None] % 8) * 4)) & 0xF
+        if GROUP % BLOCK_K == 0:
+            # The tile lies inside one group: one row of scales serves all BLOCK_K rows.
+            g_off = (k0 // GROUP) * stride_sg + offs_n[None, :]
+            s_mask = offs_n[None, :] < N
+        else:
+            g_off = (offs_k[:, None] // GROUP) * stride_sg + offs_n[None, :]
+            s_mask = mask
+        s = tl.load(s_ptr + g_off, mask=s_mask, other=0.0).to(tl.float32)
+        if FMT == 1:  # int4: q * scale + offset
+            o = tl.load(o_ptr + g_off, mask=s_mask, other=0.0).to(tl.float32)
+            w = q.to(tl.float32) * s + o
+        else:  # nf4: o_ptr is the 16-entry codebook
+            w = tl.load(o_ptr + q) * s
+    return w
 
 
 @triton.jit

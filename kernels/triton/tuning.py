@@ -56,8 +56,9 @@ def candidates(M: int) -> list[KernelConfig]:
         if M <= 4:
             for bn in (32, 64):
                 for split in (1, 4):
-                    out.append(KernelConfig(block_m=M, block_n=bn, block_k=64, split_k=split,
-                                            use_dot=False))
+                    # the [M, BLOCK_K, BLOCK_N] product lives in registers: keep it small
+                    out.append(KernelConfig(block_m=M, block_n=bn, block_k=64 if M <= 2 else 32,
+                                            split_k=split, use_dot=False))
     else:
         for bm in sorted({min(M, 64), min(M, 128)}):
             for bn in (64, 128):
@@ -70,7 +71,7 @@ def candidates(M: int) -> list[KernelConfig]:
 
 
 def gpu_timer(fn: Callable[[], object]) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=40)
+    return triton.testing.do_bench(fn, warmup=5, rep=25)
 
 
 def cache_path(device: torch.device) -> Path:
@@ -87,23 +88,24 @@ def shape_key(fmt: str, K: int, N: int, group_size: int | None, dtype: torch.dty
 
 def measure_plan(run: Callable[[Tensor, KernelConfig], Tensor], K: int, dtype: torch.dtype,
                  device: torch.device, timer: Timer) -> list[dict]:
-    """For each bucket: the fastest candidate and its time, with torch's dense-matmul time
-    alongside for the log. `run(x, cfg)` computes the layer for x [M, K] through cfg."""
+    """For each bucket: the fastest candidate and its time, with the best fused kernel's and the
+    dequant-matmul path's times beside it. `run(x, cfg)` computes the layer for x [M, K]."""
     rows = []
     for M in M_BUCKETS:
         x = torch.randn(M, K, device=device, dtype=dtype)
-        best, best_ms = None, float("inf")
+        times: dict[KernelConfig, float] = {}
         for cfg in candidates(M):
             try:
-                ms = timer(lambda x=x, cfg=cfg: run(x, cfg))
+                times[cfg] = timer(lambda x=x, cfg=cfg: run(x, cfg))
             except (triton.runtime.errors.OutOfResources, RuntimeError) as exc:
                 log.debug("skipping %s at M=%d: %s", cfg.describe(), M, exc)
-                continue
-            if ms < best_ms:
-                best, best_ms = cfg, ms
-        if best is None:
+        if not times:
             raise RuntimeError(f"no kernel candidate ran for M={M}, K={K}")
-        rows.append({"m": M, "ms": best_ms, "config": asdict(best)})
+        best = min(times, key=times.get)
+        fused = [t for cfg, t in times.items() if not cfg.dense]
+        rows.append({"m": M, "ms": times[best], "config": asdict(best),
+                     "fused_ms": min(fused) if fused else None,
+                     "dense_ms": times.get(KernelConfig(dense=True))})
     return rows
 
 
@@ -142,6 +144,11 @@ def plan_for(key: str, run: Callable[[Tensor, KernelConfig], Tensor], K: int,
     plan = tuple(KernelConfig(**row["config"]) for row in rows)
     _log_plan(key, plan, source)
     return plan
+
+
+def measurements(key: str, device: torch.device) -> list[dict] | None:
+    """The tuner's rows for a shape key as cached for this GPU (None where it was not tuned)."""
+    return _read(cache_path(device)).get(key)
 
 
 def _log_plan(key: str, plan: tuple[KernelConfig, ...], source: str) -> None:

@@ -237,3 +237,11 @@ def test_quantized_model_runs_on_triton_kernels(tmp_path, default_source, monkey
     logits = llm.score(ids)
     err = (logits - cpu_logits).abs().max().item()
     assert err <= 0.02 * cpu_logits.abs().max().item(), err
+
+
+def test_backend_can_be_forced(monkeypatch):
+    monkeypatch.setenv("NIBBLE_KERNELS", "triton")
+    assert dispatch.backend_for("cpu") == "triton"
+    monkeypatch.setenv("NIBBLE_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="valid: cpu, reference, triton"):
+        dispatch.backend_for("cpu")
