@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.nibble-installed
 
-.PHONY: setup chat generate test lint bench
+.PHONY: setup chat generate test lint bench bench-gpu
 
 setup: $(STAMP)
 
@@ -35,3 +35,8 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/quality.py
+
+# On a CUDA machine (torch with CUDA, and Triton: pip install -e '.[gpu]').
+bench-gpu: setup
+	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/decode_gpu.py

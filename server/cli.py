@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import tomllib
 from importlib import resources
@@ -126,8 +127,20 @@ def _read_config(name: str) -> dict:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
 
 
+def _show_engine_log() -> None:
+    """INFO lines of the "nibble" loggers (which kernel path serves which batch sizes) go to
+    stderr; other libraries' logging is left as it is."""
+    logger = logging.getLogger("nibble")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("nibble: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_engine_log()
     from server import commands
 
     try:

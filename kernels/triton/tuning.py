@@ -123,6 +123,11 @@ def _write(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
+# Plans already decided in this process, by (shape key, cache file or "untuned"): a model has
+# a few distinct shapes over many layers, and each is looked up and logged once.
+_MEMO: dict[tuple[str, str], tuple[KernelConfig, ...]] = {}
+
+
 def plan_for(key: str, run: Callable[[Tensor, KernelConfig], Tensor], K: int,
              dtype: torch.dtype, device: torch.device, timer: Timer | None = None,
              path: Path | None = None) -> tuple[KernelConfig, ...]:
@@ -130,10 +135,14 @@ def plan_for(key: str, run: Callable[[Tensor, KernelConfig], Tensor], K: int,
     be timed (see the module docstring)."""
     if timer is None:
         if device.type != "cuda" or qgemm.interpreting() or os.environ.get("NIBBLE_TUNE") == "0":
-            _log_plan(key, DEFAULT_PLAN, "untuned")
+            if (key, "untuned") not in _MEMO:
+                _MEMO[key, "untuned"] = DEFAULT_PLAN
+                _log_plan(key, DEFAULT_PLAN, "untuned")
             return DEFAULT_PLAN
         timer = gpu_timer
     path = path or cache_path(device)
+    if (key, str(path)) in _MEMO:
+        return _MEMO[key, str(path)]
     cached = _read(path)
     if key in cached:
         rows, source = cached[key], f"cached in {path}"
@@ -141,7 +150,7 @@ def plan_for(key: str, run: Callable[[Tensor, KernelConfig], Tensor], K: int,
         log.info("tuning %s for batch sizes %s ...", key, ",".join(map(str, M_BUCKETS)))
         rows, source = measure_plan(run, K, dtype, device, timer), "measured"
         _write(path, {**_read(path), key: rows})
-    plan = tuple(KernelConfig(**row["config"]) for row in rows)
+    plan = _MEMO[key, str(path)] = tuple(KernelConfig(**row["config"]) for row in rows)
     _log_plan(key, plan, source)
     return plan
 

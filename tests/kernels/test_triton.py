@@ -183,12 +183,14 @@ def test_tuner_picks_the_fastest_path_per_bucket_and_caches_it(tmp_path, caplog)
     def no_timer(fn):
         raise AssertionError("a cached plan must not be measured again")
 
+    tuning._MEMO.clear()  # as in a new process: the plan must come from the file
     assert tuning.plan_for("k", run, 64, torch.bfloat16, torch.device("cpu"), no_timer,
                            path) == plan
     del w
 
 
 def test_untuned_plan_off_gpu(caplog):
+    tuning._MEMO.clear()
     with caplog.at_level(logging.INFO, logger="nibble.kernels"):
         plan = tuning.plan_for("k", None, 64, torch.bfloat16, torch.device("cpu"))
     assert plan == tuning.DEFAULT_PLAN and "untuned" in caplog.text
@@ -213,24 +215,32 @@ def test_tuning_measures_on_gpu(tmp_path, monkeypatch):
 # --- the model through the QuantMethod seam ---------------------------------------------------
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8", "nf4"])
-def test_quantized_model_runs_on_triton_kernels(tmp_path, default_source, monkeypatch, quant):
-    """The path CUDA takes: the same QuantMethods, prepared by the Triton backend, give the
-    CPU ops' logits on a tiny random Llama (the layers are untouched)."""
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, default_source):
+    """A 2-layer Llama with random weights as a Hugging Face directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine import LLM
     from engine.tokenizer import load_tokenizer
 
+    path = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=96,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
-    load_tokenizer("gguf", default_source.path).save_pretrained(tmp_path)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    load_tokenizer("gguf", default_source.path).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8", "nf4"])
+def test_quantized_model_runs_on_triton_kernels(tiny_llama, monkeypatch, quant):
+    """The path CUDA takes: the same QuantMethods, prepared by the Triton backend, give the
+    CPU ops' logits on a tiny random Llama (the layers are untouched)."""
+    from engine import LLM
+
     ids = list(range(100, 140))
-    cpu_logits = LLM(str(tmp_path), quant=quant, progress=False, max_model_len=128).score(ids)
-    monkeypatch.setattr(dispatch, "backend_for", lambda device: "triton")
-    llm = LLM(str(tmp_path), quant=quant, progress=False, max_model_len=128)
+    cpu_logits = LLM(str(tiny_llama), quant=quant, progress=False, max_model_len=128).score(ids)
+    monkeypatch.setenv("NIBBLE_KERNELS", "triton")
+    llm = LLM(str(tiny_llama), quant=quant, progress=False, max_model_len=128)
     linears = [m for m in llm.model.quant_linears().values() if m.spec.method == quant]
     assert linears and all("plan" in m.method._prepared for m in linears)
     assert linears[0].method.kernel_path(1) == tuning.DEFAULT_PLAN[0].label
@@ -239,9 +249,18 @@ def test_quantized_model_runs_on_triton_kernels(tmp_path, default_source, monkey
     assert err <= 0.02 * cpu_logits.abs().max().item(), err
 
 
-def test_backend_can_be_forced(monkeypatch):
-    monkeypatch.setenv("NIBBLE_KERNELS", "triton")
-    assert dispatch.backend_for("cpu") == "triton"
-    monkeypatch.setenv("NIBBLE_KERNELS", "cuda")
-    with pytest.raises(ValueError, match="valid: cpu, reference, triton"):
-        dispatch.backend_for("cpu")
+def test_cli_logs_the_kernel_dispatch(tiny_llama):
+    """A user sees once per layer shape which path serves which batch sizes."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NIBBLE_KERNELS": "triton", "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "generate", "-m", str(tiny_llama),
+                           "-q", "int4", "--max-tokens", "2", "hello"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if "kernel dispatch" in ln]
+    # q|k|v, o, gate|up and down: four distinct int4 shapes in a 2-layer model
+    assert len(lines) == 4, proc.stderr
+    assert "M 1-16: split-k; M 17-256+: tiled" in lines[0]
