@@ -36,6 +36,10 @@ _SKINNY = KernelConfig(block_m=16, block_n=64, block_k=64, split_k=4)
 _TILED = KernelConfig(block_m=64, block_n=64, block_k=64, num_stages=3)
 DEFAULT_PLAN = tuple(_SKINNY if m <= 16 else _TILED for m in M_BUCKETS)
 
+# What a launch that this GPU cannot run raises; the tuner skips that candidate.
+_CANDIDATE_FAILURES = (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError,
+                       RuntimeError)
+
 Timer = Callable[[Callable[[], object]], float]  # runs a callable, returns milliseconds
 
 
@@ -97,8 +101,8 @@ def measure_plan(run: Callable[[Tensor, KernelConfig], Tensor], K: int, dtype: t
         for cfg in candidates(M):
             try:
                 times[cfg] = timer(lambda x=x, cfg=cfg: run(x, cfg))
-            except (triton.runtime.errors.OutOfResources, RuntimeError) as exc:
-                log.debug("skipping %s at M=%d: %s", cfg.describe(), M, exc)
+            except _CANDIDATE_FAILURES as exc:  # e.g. too much shared memory on this GPU
+                log.warning("skipping %s at M=%d: %s", cfg.describe(), M, str(exc)[:200])
         if not times:
             raise RuntimeError(f"no kernel candidate ran for M={M}, K={K}")
         best = min(times, key=times.get)

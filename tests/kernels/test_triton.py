@@ -22,6 +22,10 @@ from kernels.triton.qgemm import KernelConfig  # noqa: E402
 from tests.kernels.cases import assert_within_bound, quantize, reference, weights  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and not qgemm.interpreting() else "cpu"
+# On a GPU machine every test here runs compiled on CUDA and `pytest -m gpu` selects them.
+pytestmark = [pytest.mark.gpu] if DEVICE == "cuda" else []
+needs_interpreter = pytest.mark.skipif(
+    not qgemm.interpreting(), reason="runs Triton on CPU tensors, which needs the interpreter")
 DTYPES = [torch.bfloat16, torch.float16]
 MS = [1, 3, 17, 64]
 N = 200
@@ -100,6 +104,7 @@ def test_symmetric_int4():
 
 @pytest.mark.parametrize("path", ["tiled", "split-k", "dequant-matmul"])
 def test_bias_and_leading_dims_through_dispatch(path, monkeypatch):
+    monkeypatch.setenv("NIBBLE_TUNE", "0")  # the plan is set below; don't time candidates
     K, g = 192, 64
     t = quantize("int4", weights(N, K, 9), g)
     prepare, linear = dispatch.get_kernels("int4", "triton")
@@ -200,7 +205,6 @@ def test_cuda_gets_the_triton_backend():
     assert dispatch.backend_for(torch.device("cuda", 0)) == "triton"
 
 
-@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
 def test_tuning_measures_on_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("NIBBLE_CACHE", str(tmp_path))
@@ -231,6 +235,7 @@ def tiny_llama(tmp_path_factory, default_source):
     return path
 
 
+@needs_interpreter
 @pytest.mark.parametrize("quant", ["int4", "int8", "nf4"])
 def test_quantized_model_runs_on_triton_kernels(tiny_llama, monkeypatch, quant):
     """The path CUDA takes: the same QuantMethods, prepared by the Triton backend, give the
