@@ -158,7 +158,7 @@ def _triton_prepare(fmt: str) -> PrepareFn:
             return qgemm.linear(x, w, code, g, N, None, cfg)
 
         key = tuning.shape_key(fmt, K, N, g, act_dtype)
-        plan = tuning.plan_for(key, run, K, act_dtype, device)
+        plan = tuning.plan_for(key, run, K, act_dtype, device, packed=fmt != "int8")
         return {"w": w, "fmt": code, "group_size": g, "K": K, "N": N, "plan": plan}
 
     return prepare

@@ -48,28 +48,33 @@ def bucket_index(rows: int) -> int:
     return _BUCKET_OF[rows] if rows < len(_BUCKET_OF) else len(M_BUCKETS) - 1
 
 
-def candidates(M: int) -> list[KernelConfig]:
-    """The launches worth timing for M rows: skinny ones for decode, tiles for prefill, and
-    always dequantize-then-matmul."""
+def candidates(M: int, packed: bool = True) -> list[KernelConfig]:
+    """The launches worth timing for M rows: skinny ones for decode (split-K spreads a narrow N
+    over more SMs), tiles for prefill, GEMV-style for M <= 4, and always dequantize-then-matmul.
+    `packed` (int4, nf4) adds the nibble-plane unpacking of each."""
+    K_TILES = {False: (64, 128), True: (128, 256)}  # plane dots need BLOCK_K / 8 >= 16
     out: list[KernelConfig] = []
-    if M <= 16:
-        for bn in (32, 64, 128):
-            for bk in (64, 128):
-                for split in (1, 2, 4, 8):
-                    out.append(KernelConfig(block_m=16, block_n=bn, block_k=bk, split_k=split))
-        if M <= 4:
-            for bn in (32, 64):
-                for split in (1, 4):
-                    # the [M, BLOCK_K, BLOCK_N] product lives in registers: keep it small
-                    out.append(KernelConfig(block_m=M, block_n=bn, block_k=64 if M <= 2 else 32,
-                                            split_k=split, use_dot=False))
-    else:
-        for bm in sorted({min(M, 64), min(M, 128)}):
+    for planes in (False, True) if packed else (False,):
+        if M <= 16:
             for bn in (64, 128):
-                for bk in (32, 64):
-                    warps = 8 if bm * bn >= 128 * 128 else 4
-                    out.append(KernelConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
-                                            num_stages=4 if bk == 32 else 3))
+                for bk in K_TILES[planes]:
+                    for split in (1, 2, 4, 8):
+                        out.append(KernelConfig(block_m=16, block_n=bn, block_k=bk,
+                                                split_k=split, planes=planes))
+            if M <= 4:
+                for bn in (64, 128) if planes else (32, 64):
+                    # the [M, BLOCK_K, BLOCK_N] product lives in registers: keep it small
+                    for split in (1, 4):
+                        out.append(KernelConfig(block_m=M, block_n=bn,
+                                                block_k=64 if M <= 2 else 32,
+                                                split_k=split, use_dot=False, planes=planes))
+        else:
+            for bm in sorted({min(M, 64), min(M, 128)}):
+                for bn in (64, 128):
+                    for bk in K_TILES[planes][:1] if planes else (32, 64):
+                        out.append(KernelConfig(block_m=bm, block_n=bn, block_k=bk,
+                                                num_warps=8 if bm * bn >= 128 * 128 else 4,
+                                                num_stages=4 if bk == 32 else 3, planes=planes))
     out.append(KernelConfig(dense=True))
     return out
 
@@ -91,14 +96,14 @@ def shape_key(fmt: str, K: int, N: int, group_size: int | None, dtype: torch.dty
 
 
 def measure_plan(run: Callable[[Tensor, KernelConfig], Tensor], K: int, dtype: torch.dtype,
-                 device: torch.device, timer: Timer) -> list[dict]:
+                 device: torch.device, timer: Timer, packed: bool = True) -> list[dict]:
     """For each bucket: the fastest candidate and its time, with the best fused kernel's and the
     dequant-matmul path's times beside it. `run(x, cfg)` computes the layer for x [M, K]."""
     rows = []
     for M in M_BUCKETS:
         x = torch.randn(M, K, device=device, dtype=dtype)
         times: dict[KernelConfig, float] = {}
-        for cfg in candidates(M):
+        for cfg in candidates(M, packed):
             try:
                 times[cfg] = timer(lambda x=x, cfg=cfg: run(x, cfg))
             except _CANDIDATE_FAILURES as exc:  # e.g. too much shared memory on this GPU
@@ -134,7 +139,7 @@ _MEMO: dict[tuple[str, str], tuple[KernelConfig, ...]] = {}
 
 def plan_for(key: str, run: Callable[[Tensor, KernelConfig], Tensor], K: int,
              dtype: torch.dtype, device: torch.device, timer: Timer | None = None,
-             path: Path | None = None) -> tuple[KernelConfig, ...]:
+             path: Path | None = None, packed: bool = True) -> tuple[KernelConfig, ...]:
     """The plan for one layer shape: cached, measured now, or DEFAULT_PLAN where nothing may
     be timed (see the module docstring)."""
     if timer is None:
@@ -152,7 +157,7 @@ def plan_for(key: str, run: Callable[[Tensor, KernelConfig], Tensor], K: int,
         rows, source = cached[key], f"cached in {path}"
     else:
         log.info("tuning %s for batch sizes %s ...", key, ",".join(map(str, M_BUCKETS)))
-        rows, source = measure_plan(run, K, dtype, device, timer), "measured"
+        rows, source = measure_plan(run, K, dtype, device, timer, packed), "measured"
         _write(path, {**_read(path), key: rows})
     plan = _MEMO[key, str(path)] = tuple(KernelConfig(**row["config"]) for row in rows)
     _log_plan(key, plan, source)

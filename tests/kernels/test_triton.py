@@ -31,12 +31,20 @@ MS = [1, 3, 17, 64]
 N = 200
 
 PATHS = {
-    "tiled": KernelConfig(block_m=16, block_n=64, block_k=32),
-    "tiled-wide": KernelConfig(block_m=32, block_n=128, block_k=64),
-    "split-k": KernelConfig(block_m=16, block_n=64, block_k=64, split_k=3),
+    "tiled": KernelConfig(block_m=32, block_n=64, block_k=32),
+    "tiled-wide": KernelConfig(block_m=64, block_n=128, block_k=64),
+    "split-k": KernelConfig(block_m=16, block_n=128, block_k=64, split_k=3),
     "gemv": KernelConfig(block_m=4, block_n=64, block_k=32, split_k=2, use_dot=False),
     "dequant-matmul": KernelConfig(dense=True),
+    "tiled-planes": KernelConfig(block_m=32, block_n=128, block_k=128, planes=True),
+    "split-k-planes": KernelConfig(block_m=16, block_n=128, block_k=128, split_k=2, planes=True),
+    "gemv-planes": KernelConfig(block_m=4, block_n=128, block_k=64, use_dot=False, planes=True),
 }
+# Every M for the main launches; the variants of a launch share its code except for one
+# branch, so two M each keep the interpreter's time in check (gemv serves M <= 4 only).
+PATH_MS = {"tiled": MS, "split-k": MS, "dequant-matmul": MS, "tiled-wide": [17, 64],
+           "gemv": [1, 3], "tiled-planes": [3, 64], "split-k-planes": [1, 17],
+           "gemv-planes": [1, 3]}
 
 
 def _triton_magnitude(fmt: str, t: dict, K: int, g: int) -> torch.Tensor:
@@ -69,7 +77,7 @@ def _check_paths(fmt: str, K: int, g: int, dtype: torch.dtype, paths: list[str])
     A = _triton_magnitude(fmt, t, K, g)
     for name in paths:
         cfg = PATHS[name]
-        for M in MS if name != "gemv" else [1, 3]:
+        for M in PATH_MS[name]:
             x = x_all[:M]
             y = _run(fmt, w, x, g, cfg)
             assert y.dtype == dtype and y.shape == (M, N), name
@@ -90,7 +98,7 @@ def test_int8_matches_reference(dtype):
 
 @pytest.mark.parametrize("fmt", ["int4", "nf4", "int8"])
 def test_k_not_a_multiple_of_8(fmt):
-    _check_paths(fmt, 99, 32, torch.bfloat16, ["tiled", "split-k"])
+    _check_paths(fmt, 99, 32, torch.bfloat16, ["tiled", "split-k", "split-k-planes"])
 
 
 def test_symmetric_int4():
@@ -119,13 +127,13 @@ def test_bias_and_leading_dims_through_dispatch(path, monkeypatch):
     assert dispatch.path_label("triton", prepared, 6) == path
 
 
-@pytest.mark.parametrize("path", ["tiled", "tiled-wide", "gemv", "dequant-matmul"])
+@pytest.mark.parametrize("path", ["tiled", "tiled-wide", "tiled-planes", "gemv", "dequant-matmul"])
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
 def test_row_does_not_depend_on_batch(fmt, path):
     _, w, x = _case(fmt, 320, 128, torch.bfloat16, seed=4)
     cfg = PATHS[path]
     alone = _run(fmt, w, x[:1], 128, cfg)
-    for M in (3, 17) if path != "gemv" else (3,):
+    for M in (3, 17) if not path.startswith("gemv") else (3,):
         assert torch.equal(alone, _run(fmt, w, x[:M], 128, cfg)[:1]), f"M={M}"
 
 
