@@ -262,6 +262,7 @@ def test_quantized_model_runs_on_triton_kernels(tiny_llama, monkeypatch, quant):
     assert err <= 0.02 * cpu_logits.abs().max().item(), err
 
 
+@needs_interpreter
 def test_cli_logs_the_kernel_dispatch(tiny_llama):
     """A user sees once per layer shape which path serves which batch sizes."""
     import os
