@@ -19,6 +19,7 @@ dequantize-then-torch.matmul is faster, and `linear` picks by the number of rows
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Mapping
@@ -56,10 +57,14 @@ class LinearFn(Protocol):
     def __call__(self, x: Tensor, prepared: Prepared, bias: Tensor | None = None) -> Tensor: ...
 
 
+@functools.cache
 def triton_available() -> bool:
+    """Whether Triton imports; says once (not per layer) what its absence costs."""
     try:
         import triton  # noqa: F401
     except ImportError:
+        log.warning("Triton is not installed: quantized layers on CUDA run the slow reference "
+                    "kernels (pip install 'nibble[gpu]')")
         return False
     return True
 
@@ -78,11 +83,7 @@ def backend_for(device: torch.device | str) -> Backend:
     if kind == "cpu":
         return "cpu"
     if kind == "cuda":
-        if triton_available():
-            return "triton"
-        log.warning("Triton is not installed: quantized layers run the slow reference kernels "
-                    "(pip install 'nibble[gpu]')")
-        return "reference"
+        return "triton" if triton_available() else "reference"
     raise ValueError(f"no quantized kernels for device type {kind!r}; use 'cpu' or 'cuda'")
 
 
