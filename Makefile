@@ -36,7 +36,8 @@ bench: setup
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/quality.py
 
-# On a CUDA machine (torch with CUDA, and Triton: pip install -e '.[gpu]').
-bench-gpu: setup
-	$(PY) benchmarks/kernels.py
-	$(PY) benchmarks/decode_gpu.py
+# On a CUDA machine, with the Python that has torch with CUDA and Triton (not .venv, whose
+# torch is the CPU build): make bench-gpu PYTHON=/path/to/python
+bench-gpu:
+	$(PYTHON) benchmarks/kernels.py
+	$(PYTHON) benchmarks/decode_gpu.py
