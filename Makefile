@@ -22,7 +22,7 @@ chat: setup
 	$(VENV)/bin/nibble chat --model smollm2-135m --quant int4
 
 generate: setup
-	$(VENV)/bin/nibble generate --model smollm2-135m --quant int4 "$(or $(PROMPT),What is the capital of France?)"
+	$(VENV)/bin/nibble generate --chat --model smollm2-135m --quant int4 "$(or $(PROMPT),What is the capital of France?)"
 
 test: setup
 	$(VENV)/bin/ruff check .
