@@ -175,11 +175,29 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length, at most 8192
     seed: int = 0
     threads: int | None = None
+    max_num_seqs: int = 16  # sequences in one batch at most
+    max_num_batched_tokens: int = 512  # rows of one forward pass at most (prefill chunks)
+    block_size: int = 16  # tokens per KV-cache block
+    # KV cache size: bytes (> 1), or a fraction (0..1] of the machine's memory; None: enough
+    # for max_num_seqs full-length sequences, at most 10% of the memory
+    kv_cache_memory: float | None = None
 
     def __post_init__(self) -> None:
         self.policy  # noqa: B018 - parse now, so a typo fails at construction
         if self.max_model_len is not None and self.max_model_len < 16:
             raise ConfigError(f"max_model_len must be at least 16, got {self.max_model_len}")
+        for key in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at "
+                              f"least max_num_seqs ({self.max_num_seqs}) so every decode fits a step")
+        mem = self.kv_cache_memory
+        if mem is not None and (isinstance(mem, bool) or not isinstance(mem, int | float)
+                                or mem <= 0):
+            raise ConfigError(f"kv_cache_memory must be bytes (e.g. 2e9) or a fraction of memory "
+                              f"(e.g. 0.2), got {mem!r}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 

@@ -10,7 +10,7 @@ import torch
 from engine import build
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, num_kv_blocks
 from engine.progress import counter
 from engine.sampling_params import SamplingParams
 from engine.sequence import RequestOutput
@@ -25,19 +25,25 @@ class LLM:
     def __init__(self, model: str = "smollm2-135m", quant: str | None = None,
                  rules: tuple[str, ...] | list[str] = (), device: str = "cpu",
                  max_model_len: int | None = None, seed: int = 0, threads: int | None = None,
-                 progress: bool = True, config: EngineConfig | None = None):
-        self.config = config or EngineConfig(model=model, quant=quant, rules=tuple(rules),
-                                             device=device, max_model_len=max_model_len,
-                                             seed=seed, threads=threads)
+                 progress: bool = True, config: EngineConfig | None = None, **options):
+        """options: the other EngineConfig fields (max_num_seqs, max_num_batched_tokens,
+        block_size, kv_cache_memory); an unknown one is an error naming the valid ones."""
+        self.config = config or EngineConfig.from_dict(dict(
+            model=model, quant=quant, rules=list(rules), device=device,
+            max_model_len=max_model_len, seed=seed, threads=threads, **options))
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         torch.manual_seed(self.config.seed)
         self.loaded = build.load(self.config, progress=progress)
         self.tokenizer = self.loaded.tokenizer
-        runner = ModelRunner(self.loaded.model, self.loaded.max_model_len,
-                             torch.device(self.config.device))
+        c, device = self.config, torch.device(self.config.device)
+        blocks = num_kv_blocks(self.loaded.model, device, self.loaded.max_model_len, c.block_size,
+                               c.max_num_seqs, c.kv_cache_memory)
+        runner = ModelRunner(self.loaded.model, self.loaded.max_model_len, device, blocks,
+                             c.block_size)
         eos = eos_ids(self.tokenizer, self.loaded.config.eos_token_ids)
-        self.engine = LLMEngine(runner, self.tokenizer, eos, self.loaded.source.name)
+        self.engine = LLMEngine(runner, self.tokenizer, eos, self.loaded.source.name,
+                                c.max_num_seqs, c.max_num_batched_tokens)
         self._ids = itertools.count()
 
     @property
@@ -69,7 +75,7 @@ class LLM:
         """Teacher-forced logits [T, vocab] (fp32): row i predicts token i + 1."""
         if self.engine.has_unfinished():
             raise RuntimeError("score() needs an idle engine")
-        return self.engine.runner.score(token_ids)
+        return self.engine.runner.score(token_ids, self.engine.blocks)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return apply_chat_template(self.tokenizer, messages)

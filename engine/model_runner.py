@@ -1,46 +1,96 @@
-"""Builds the flat batch for a step, runs the model, samples.
+"""Builds the flat batch of a step, runs the model, samples.
 
-This runner serves one sequence at a time from a contiguous KV cache; continuous batching
-replaces it (and the cache) without touching the model.
+The scheduler says which sequences run and how many of their tokens; the runner concatenates
+those tokens into one flat batch, runs one forward pass over the paged KV cache, and samples
+one token for every sequence whose known tokens are now all computed (a prompt chunk that
+ends mid-prompt samples nothing).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from engine.block_manager import BlockManager, BlockTable
 from engine.layers.attention import AttentionBatch, KVCache, kv_dtype
 from engine.models.llama import LlamaModel
 from engine.sampler import sample
 from engine.sequence import Sequence
 
 
+def num_kv_blocks(model: LlamaModel, device: torch.device, max_model_len: int, block_size: int,
+                  max_num_seqs: int, memory: float | None) -> int:
+    """KV blocks for a memory budget: bytes (> 1) or a fraction of the device's memory; None
+    is enough for max_num_seqs sequences of max_model_len, at most 10% of the memory. Never
+    fewer than one full-length sequence needs."""
+    cfg = model.config
+    per_block = KVCache.bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads,
+                                        cfg.head_dim, kv_dtype(model.policy.act_dtype, device))
+    seq_blocks = -(-max_model_len // block_size)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if memory is None:
+        budget = min(max_num_seqs * seq_blocks * per_block, 0.1 * total)
+    else:
+        budget = memory * total if memory <= 1 else memory
+    return max(int(budget // per_block), seq_blocks)
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaModel, max_model_len: int, device: torch.device):
+    def __init__(self, model: LlamaModel, max_model_len: int, device: torch.device,
+                 num_blocks: int, block_size: int):
         cfg = model.config
         self.model, self.device = model, device
         self.max_model_len = max_model_len
-        self.cache = KVCache(cfg.num_layers, 1, max_model_len, cfg.num_kv_heads, cfg.head_dim,
-                             kv_dtype(model.policy.act_dtype, device), device)
+        self.cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads,
+                             cfg.head_dim, kv_dtype(model.policy.act_dtype, device), device)
 
-    def step(self, seq: Sequence) -> None:
-        """Prefills the prompt on the first call, then decodes one token per call."""
-        tokens = seq.uncached_token_ids()
-        start = seq.num_cached
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        positions = torch.arange(start, start + len(tokens), device=self.device)
-        batch = AttentionBatch.single(len(tokens), start + len(tokens), self.cache)
-        hidden = self.model(ids, positions, batch)
-        seq.num_cached += len(tokens)
-        logits = self.model.logits(hidden[-1:]).cpu()  # sampling and its seeds live on the CPU
-        (token, logprobs), = sample(logits, [seq])
-        seq.append(token, logprobs)
+    def run(self, scheduled: list[tuple[Sequence, int]]) -> list[Sequence]:
+        """Computes each sequence's next n tokens; returns the sequences that sampled."""
+        ids, positions, tables, qlens, ctxs, last_rows, to_sample = [], [], [], [], [], [], []
+        row = 0
+        for seq, n in scheduled:
+            start = seq.num_cached
+            ids += seq.token_ids_between(start, start + n)
+            positions.append(torch.arange(start, start + n))
+            tables.append(seq.block_table.blocks)
+            qlens.append(n)
+            ctxs.append(start + n)
+            row += n
+            if start + n == seq.num_tokens:
+                last_rows.append(row - 1)
+                to_sample.append(seq)
+        batch = AttentionBatch.build(tables, qlens, ctxs, self.cache, self.device)
+        hidden = self.model(torch.tensor(ids, device=self.device),
+                            torch.cat(positions).to(self.device), batch)
+        for seq, n in scheduled:
+            seq.num_cached += n
+        if not to_sample:
+            return []
+        rows = torch.tensor(last_rows, device=self.device)
+        logits = self.model.logits(hidden[rows]).cpu()  # sampling and its seeds live on the CPU
+        for seq, (token, logprobs) in zip(to_sample, sample(logits, to_sample), strict=True):
+            seq.append(token, logprobs)
+        return to_sample
 
-    def score(self, token_ids: list[int]) -> torch.Tensor:
-        """Teacher-forced logits [T, vocab] fp32 of a token list, in one prefill (slot 0)."""
+    def score(self, token_ids: list[int], blocks: BlockManager) -> torch.Tensor:
+        """Teacher-forced logits [T, vocab] fp32 of a token list, in one prefill, in blocks
+        borrowed from the pool for the call."""
         t = len(token_ids)
         if not 0 < t <= self.max_model_len:
             raise ValueError(f"score needs 1..{self.max_model_len} tokens, got {t}")
-        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, torch.arange(t, device=self.device),
-                            AttentionBatch.single(t, t, self.cache))
-        return self.model.logits(hidden)
+        table = BlockTable()
+        if not blocks.can_grow(table, t):
+            raise RuntimeError(f"score needs {blocks.blocks_for(t)} free KV blocks, "
+                               f"{blocks.num_free} are free")
+        blocks.grow(table, t)
+        try:
+            batch = AttentionBatch.build([table.blocks], [t], [t], self.cache, self.device)
+            ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+            hidden = self.model(ids, torch.arange(t, device=self.device), batch)
+            return self.model.logits(hidden)
+        finally:
+            blocks.free(table)

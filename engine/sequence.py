@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.block_manager import BlockTable
 from engine.detokenizer import IncrementalDetokenizer
 from engine.sampling_params import SamplingParams
 
@@ -50,7 +51,7 @@ class RequestOutput:
         return self.outputs[0].finish_reason
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: compared and removed by identity, not by value
 class Sequence:
     request_id: str
     prompt: str | None
@@ -65,18 +66,29 @@ class Sequence:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     num_cached: int = 0  # tokens whose keys/values are in the cache
+    block_table: BlockTable = field(default_factory=BlockTable)
 
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
-    def uncached_token_ids(self) -> list[int]:
-        """Tokens whose keys and values are not in the cache yet: the prompt on the first
-        step, then the last sampled token; never rebuilds the whole list."""
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncached(self) -> int:
+        return self.num_tokens - self.num_cached
+
+    def token_ids_between(self, start: int, end: int) -> list[int]:
+        """Tokens start..end-1 of prompt + output, without building the whole list (a decode
+        step takes one token)."""
         n = len(self.prompt_token_ids)
-        if self.num_cached < n:
-            return self.prompt_token_ids[self.num_cached:] + self.output_token_ids
-        return self.output_token_ids[self.num_cached - n:]
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n:end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - n]
 
     @functools.cached_property
     def logit_bias(self) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -1,8 +1,13 @@
-"""Attention over a flat batch with a contiguous per-sequence KV cache.
+"""Attention over a flat batch with a paged KV cache.
 
 The model sees all sequences of a step concatenated into T rows; AttentionBatch says which
-rows belong to which sequence and where each one's keys and values live. The paged cache of
-the batching work replaces KVCache and the per-sequence loop below, not the model.
+rows belong to which sequence and which cache slots hold each one's keys and values. The cache
+is a pool of fixed-size blocks (engine/block_manager.py hands them out): slot s of layer l is
+row s of k[l] / v[l], and a sequence's block table lists its blocks in order, so token i of a
+sequence sits in slot table[i // block_size] * block_size + i % block_size.
+
+Per layer, every new row's key and value is written first, then attention reads: a sequence
+may read blocks another sequence of the same step has just written (a shared prompt prefix).
 """
 
 from __future__ import annotations
@@ -21,38 +26,78 @@ def kv_dtype(act_dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 class KVCache:
-    """Keys and values per layer: [slots, kv_heads, max_len, head_dim], one row per sequence."""
+    """Keys and values per layer: [num_blocks * block_size, kv_heads, head_dim]."""
 
-    def __init__(self, num_layers: int, num_slots: int, max_len: int, num_kv_heads: int,
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        shape = (num_slots, num_kv_heads, max_len, head_dim)
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.max_len = max_len
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def slots(self, block_table: list[int], start: int, end: int) -> Tensor:
+        """Cache slots of token positions start..end-1 of a sequence with this block table."""
+        pos = torch.arange(start, end)
+        table = torch.tensor(block_table, dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
 
 @dataclass
 class AttentionBatch:
-    """Per-sequence layout of one forward pass (sequences in row order)."""
+    """Per-sequence layout of one forward pass (sequences in row order).
 
-    query_lens: list[int]  # rows of each sequence in this forward; sum = T
-    context_lens: list[int]  # tokens each sequence has in the cache after this forward
-    slots: list[int]  # cache slot of each sequence
+    query_lens[i] rows of sequence i are in this forward and are the last rows of its
+    context_lens[i] tokens; write_slots [T] is where each row's key and value go; read_slots[i]
+    [context_lens[i]] is where sequence i's whole context is. When every sequence has one row
+    (decode), `padded` holds ([B, max_ctx] slots, [B, 1, 1, max_ctx] bool mask) so one
+    attention call serves the batch.
+    """
+
+    query_lens: list[int]
+    context_lens: list[int]
+    write_slots: Tensor
+    read_slots: list[Tensor]
     cache: KVCache
-
-    def __post_init__(self) -> None:
-        for q, c in zip(self.query_lens, self.context_lens, strict=True):
-            if not 0 < q <= c <= self.cache.max_len:
-                raise ValueError(f"bad attention layout: query {q}, context {c}, "
-                                 f"cache length {self.cache.max_len}")
+    padded: tuple[Tensor, Tensor] | None = None
 
     @classmethod
-    def single(cls, query_len: int, context_len: int, cache: KVCache, slot: int = 0):
-        return cls([query_len], [context_len], [slot], cache)
+    def build(cls, block_tables: list[list[int]], query_lens: list[int], context_lens: list[int],
+              cache: KVCache, device: torch.device | str = "cpu") -> AttentionBatch:
+        for q, c, table in zip(query_lens, context_lens, block_tables, strict=True):
+            if not 0 < q <= c <= len(table) * cache.block_size:
+                raise ValueError(f"bad attention layout: query {q}, context {c}, "
+                                 f"{len(table)} blocks of {cache.block_size}")
+        reads = [cache.slots(t, 0, c) for t, c in zip(block_tables, context_lens, strict=True)]
+        writes = torch.cat([r[c - q:] for r, q, c in zip(reads, query_lens, context_lens,
+                                                          strict=True)])
+        padded = None
+        if all(q == 1 for q in query_lens) and len(query_lens) > 1:
+            width = max(context_lens)
+            slots = torch.zeros(len(reads), width, dtype=torch.long)
+            for i, r in enumerate(reads):
+                slots[i, :len(r)] = r
+            mask = torch.arange(width)[None, :] < torch.tensor(context_lens)[:, None]
+            padded = (slots.to(device), mask.view(len(reads), 1, 1, width).to(device))
+        return cls(list(query_lens), list(context_lens), writes.to(device),
+                   [r.to(device) for r in reads], cache, padded)
+
+    @classmethod
+    def single(cls, query_len: int, context_len: int, cache: KVCache,
+               first_block: int = 0) -> AttentionBatch:
+        """One sequence whose blocks are first_block, first_block + 1, ... (tests, scoring)."""
+        n = -(-context_len // cache.block_size)
+        device = cache.k[0].device
+        return cls.build([list(range(first_block, first_block + n))], [query_len],
+                         [context_len], cache, device)
 
 
 def _mask(query_len: int, context_len: int, device) -> Tensor | None:
@@ -69,18 +114,26 @@ def paged_attention(layer: int, q: Tensor, k: Tensor, v: Tensor, batch: Attentio
                     scale: float) -> Tensor:
     """q [T, H, D], k/v [T, Hkv, D] -> [T, H*D]; writes k/v into the cache first."""
     kc, vc = batch.cache.k[layer], batch.cache.v[layer]
+    kc.index_copy_(0, batch.write_slots, k.to(kc.dtype))
+    vc.index_copy_(0, batch.write_slots, v.to(vc.dtype))
     q = q.to(kc.dtype)
+    if batch.padded is not None:
+        slots, mask = batch.padded  # [B, W], [B, 1, 1, W]
+        keys, values = kc[slots].transpose(1, 2), vc[slots].transpose(1, 2)  # [B, Hkv, W, D]
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask,
+                                           scale=scale, enable_gqa=True)  # [B, H, 1, D]
+        return o.reshape(q.shape[0], -1).to(k.dtype)
     outs, start = [], 0
-    for qlen, ctx, slot in zip(batch.query_lens, batch.context_lens, batch.slots, strict=True):
+    for qlen, ctx, slots in zip(batch.query_lens, batch.context_lens, batch.read_slots,
+                                strict=True):
         end = start + qlen
-        kc[slot, :, ctx - qlen:ctx] = k[start:end].transpose(0, 1)
-        vc[slot, :, ctx - qlen:ctx] = v[start:end].transpose(0, 1)
         qs = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, qlen, D]
+        keys = kc[slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
+        values = vc[slots].transpose(0, 1).unsqueeze(0)
         causal = qlen == ctx and qlen > 1
         mask = None if causal else _mask(qlen, ctx, q.device)
-        o = F.scaled_dot_product_attention(
-            qs, kc[slot:slot + 1, :, :ctx], vc[slot:slot + 1, :, :ctx],
-            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+        o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, is_causal=causal,
+                                           scale=scale, enable_gqa=True)
         outs.append(o[0].transpose(0, 1).reshape(qlen, -1))
         start = end
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)

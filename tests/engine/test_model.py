@@ -23,7 +23,7 @@ def hf_model(default_source):
 
 def _prefill(llm, ids: list[int]) -> torch.Tensor:
     m = llm.model
-    cache = KVCache(m.config.num_layers, 1, 256, m.config.num_kv_heads, m.config.head_dim, torch.float32)
+    cache = KVCache(m.config.num_layers, 16, 16, m.config.num_kv_heads, m.config.head_dim, torch.float32)
     t = len(ids)
     hidden = m(torch.tensor(ids), torch.arange(t), AttentionBatch.single(t, t, cache))
     return m.logits(hidden), cache
@@ -55,8 +55,10 @@ def test_two_sequences_in_one_flat_batch_match_alone(llm_factory):
     llm = llm_factory("fp32")
     m = llm.model
     a, b = llm.tokenizer.encode(PROMPT), llm.tokenizer.encode("Once upon a time")
-    cache = KVCache(m.config.num_layers, 2, 256, m.config.num_kv_heads, m.config.head_dim, torch.float32)
-    batch = AttentionBatch([len(a), len(b)], [len(a), len(b)], [0, 1], cache)
+    cache = KVCache(m.config.num_layers, 32, 16, m.config.num_kv_heads, m.config.head_dim, torch.float32)
+    # b's blocks first and out of order: the block table, not the slot order, places tokens
+    tables = [list(range(16, 32)), [3, 1, 2, 0]]
+    batch = AttentionBatch.build(tables, [len(a), len(b)], [len(a), len(b)], cache)
     ids = torch.tensor(a + b)
     pos = torch.cat([torch.arange(len(a)), torch.arange(len(b))])
     both = m.logits(m(ids, pos, batch))
