@@ -57,9 +57,7 @@ class AttentionBatch:
 
     query_lens[i] rows of sequence i are in this forward and are the last rows of its
     context_lens[i] tokens; write_slots [T] is where each row's key and value go; read_slots[i]
-    [context_lens[i]] is where sequence i's whole context is. When every sequence has one row
-    (decode), `padded` holds ([B, max_ctx] slots, [B, 1, 1, max_ctx] bool mask) so one
-    attention call serves the batch.
+    [context_lens[i]] is where sequence i's whole context is.
     """
 
     query_lens: list[int]
@@ -67,7 +65,6 @@ class AttentionBatch:
     write_slots: Tensor
     read_slots: list[Tensor]
     cache: KVCache
-    padded: tuple[Tensor, Tensor] | None = None
 
     @classmethod
     def build(cls, block_tables: list[list[int]], query_lens: list[int], context_lens: list[int],
@@ -79,16 +76,8 @@ class AttentionBatch:
         reads = [cache.slots(t, 0, c) for t, c in zip(block_tables, context_lens, strict=True)]
         writes = torch.cat([r[c - q:] for r, q, c in zip(reads, query_lens, context_lens,
                                                           strict=True)])
-        padded = None
-        if all(q == 1 for q in query_lens) and len(query_lens) > 1:
-            width = max(context_lens)
-            slots = torch.zeros(len(reads), width, dtype=torch.long)
-            for i, r in enumerate(reads):
-                slots[i, :len(r)] = r
-            mask = torch.arange(width)[None, :] < torch.tensor(context_lens)[:, None]
-            padded = (slots.to(device), mask.view(len(reads), 1, 1, width).to(device))
         return cls(list(query_lens), list(context_lens), writes.to(device),
-                   [r.to(device) for r in reads], cache, padded)
+                   [r.to(device) for r in reads], cache)
 
     @classmethod
     def single(cls, query_len: int, context_len: int, cache: KVCache,
@@ -117,12 +106,10 @@ def paged_attention(layer: int, q: Tensor, k: Tensor, v: Tensor, batch: Attentio
     kc.index_copy_(0, batch.write_slots, k.to(kc.dtype))
     vc.index_copy_(0, batch.write_slots, v.to(vc.dtype))
     q = q.to(kc.dtype)
-    if batch.padded is not None:
-        slots, mask = batch.padded  # [B, W], [B, 1, 1, W]
-        keys, values = kc[slots].transpose(1, 2), vc[slots].transpose(1, 2)  # [B, Hkv, W, D]
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask,
-                                           scale=scale, enable_gqa=True)  # [B, H, 1, D]
-        return o.reshape(q.shape[0], -1).to(k.dtype)
+    # One attention call per sequence, on exactly its own context: a row's result is then
+    # bitwise the same whatever else is in the batch (a padded, masked batch call measured
+    # 10-20% faster at 16 sequences but sums softmax over the padded width: last-bit
+    # differences that flipped near-tie greedy tokens against the same request run alone).
     outs, start = [], 0
     for qlen, ctx, slots in zip(batch.query_lens, batch.context_lens, batch.read_slots,
                                 strict=True):

@@ -1,0 +1,119 @@
+"""Continuous batching on the default model: a request's output does not depend on what else
+runs beside it, through preemption, chunked prefill and prefix reuse; and no block is lost."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from engine import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+TOPICS = ["the sea", "a red bicycle", "why the sky is blue", "bread", "a lighthouse keeper",
+          "prime numbers", "an old clock", "winter in the mountains", "a lost cat", "coffee",
+          "the moon landing", "a small robot", "rain on a roof", "chess", "a library", "volcanoes"]
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@functools.cache
+def _prompts(llm) -> list[list[int]]:
+    """16 chat prompts of different lengths (about 20 to 60 tokens)."""
+    return [llm.encode_chat([{"role": "user", "content": f"Tell me about {t}." + " Please." * i}])
+            for i, t in enumerate(TOPICS)]
+
+
+@functools.cache
+def _alone(quant: str) -> list[list[int]]:
+    llm = _llm(quant)
+    return [llm.generate(p, GREEDY)[0].token_ids for p in _prompts(llm)]
+
+
+@functools.cache
+def _llm(quant: str, **options) -> LLM:
+    return LLM("smollm2-135m", quant=quant, progress=False, max_model_len=256, **options)
+
+
+def test_batch_of_16_matches_each_request_alone():
+    llm = _llm("int4")
+    outs = llm.generate(_prompts(llm), GREEDY)
+    assert [o.token_ids for o in outs] == _alone("int4")
+    s = llm.engine.stats()
+    assert s.running == s.waiting == s.kv_blocks_used == 0
+
+
+def test_preemption_under_a_tiny_kv_budget_changes_no_output():
+    """16 blocks of 16 tokens hold about four of these requests: the rest wait, run, are
+    preempted and recomputed."""
+    small = _llm("int4", kv_cache_memory=16 * _block_bytes(_llm("int4")))
+    assert small.engine.blocks.num_blocks == 16
+    outs = small.generate(_prompts(small), GREEDY)
+    assert [o.token_ids for o in outs] == _alone("int4")
+    stats = small.engine.stats()
+    assert stats.preemptions > 0
+    assert stats.kv_blocks_free == 16
+
+
+def test_chunked_prefill_matches_whole_prefill():
+    chunked = _llm("int4", max_num_batched_tokens=16)
+    outs = chunked.generate(_prompts(chunked)[-4:], GREEDY)
+    assert [o.token_ids for o in outs] == _alone("int4")[-4:]
+
+
+def test_prefix_cache_reuses_blocks_and_counts_hits():
+    llm = _llm("int4")
+    system = [{"role": "system", "content": "You are a careful assistant. " * 6}]
+    a = llm.encode_chat([*system, {"role": "user", "content": "Name a color."}])
+    b = llm.encode_chat([*system, {"role": "user", "content": "Name a fruit."}])
+    before = llm.engine.stats().prefix_cache_hit_tokens
+    first = llm.generate(a, GREEDY)[0].token_ids
+    hits_a = llm.engine.stats().prefix_cache_hit_tokens - before
+    again = llm.generate(a, GREEDY)[0].token_ids
+    hits_again = llm.engine.stats().prefix_cache_hit_tokens - before - hits_a
+    shared = len(_common_prefix(a, b)) // 16 * 16
+    llm.generate(b, GREEDY)
+    hits_b = llm.engine.stats().prefix_cache_hit_tokens - before - hits_a - hits_again
+    assert again == first
+    assert hits_again == (len(a) - 1) // 16 * 16  # every full block but the last token's
+    assert hits_b == shared and shared >= 32
+
+
+def test_seed_reproduces_whatever_else_is_in_the_batch():
+    llm = _llm("int4")
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
+    prompts = _prompts(llm)
+    alone = llm.generate(prompts[3], params)[0].token_ids
+    mixed = llm.generate(prompts[:8], [GREEDY] * 3 + [params] + [GREEDY] * 4)
+    assert mixed[3].token_ids == alone
+    other_seed = llm.generate(prompts[3], SamplingParams(max_tokens=12, temperature=1.0,
+                                                         seed=8, ignore_eos=True))
+    assert other_seed[0].token_ids != alone
+
+
+def test_abort_mid_generation_returns_every_block():
+    llm = _llm("int4")
+    engine = llm.engine
+    free = engine.stats().kv_blocks_free
+    for i, p in enumerate(_prompts(llm)[:6]):
+        engine.add_request(f"abort-{i}", p, SamplingParams(max_tokens=40, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    assert engine.stats().kv_blocks_free < free
+    for i in range(6):
+        assert engine.abort(f"abort-{i}")
+    s = engine.stats()
+    assert (s.kv_blocks_free, s.running, s.waiting) == (free, 0, 0)
+    assert not engine.has_unfinished() and engine.step() == []
+
+
+def _block_bytes(llm: LLM) -> int:
+    cache = llm.engine.runner.cache
+    return cache.nbytes // cache.num_blocks
+
+
+def _common_prefix(a: list[int], b: list[int]) -> list[int]:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
