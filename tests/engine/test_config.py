@@ -49,3 +49,36 @@ def test_config_file_keys_are_checked():
         EngineConfig.from_dict({"quants": "int4"})
     cfg = EngineConfig.from_dict({"quant": "int4", "rules": {"mlp\\..*": "int8"}})
     assert cfg.policy.spec_for("layers.1.mlp.down_proj").method == "int8"
+
+
+@pytest.mark.parametrize("values,hint", [
+    ({"max_num_seqs": 0}, "max_num_seqs must be a positive integer"),
+    ({"block_size": 8.5}, "block_size must be a positive integer"),
+    ({"max_num_seqs": 32, "max_num_batched_tokens": 16}, "every decode fits a step"),
+    ({"kv_cache_memory": -1}, "bytes .* or a fraction"),
+    ({"kv_cache_memory": "2GB"}, "bytes .* or a fraction"),
+    ({"max_num_seq": 8}, "Did you mean 'max_num_seqs'"),
+])
+def test_batching_options_are_checked(values, hint):
+    with pytest.raises(ConfigError, match=hint):
+        EngineConfig.from_dict(values)
+
+
+def test_kv_cache_budget_in_blocks():
+    """Bytes, a fraction, or the default; never less than one full-length sequence."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from engine.config import ModelConfig, QuantPolicy
+    from engine.model_runner import num_kv_blocks
+
+    cfg = ModelConfig(arch="llama", vocab_size=10, hidden_size=64, intermediate_size=64,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+    model = SimpleNamespace(config=cfg, policy=QuantPolicy.build("bf16"))
+    per_block = 2 * 2 * 16 * 2 * 16 * 4  # k and v, layers, block, kv heads, head dim, fp32 on CPU
+    cpu = torch.device("cpu")
+    assert num_kv_blocks(model, cpu, 256, 16, 4, 100 * per_block) == 100
+    assert num_kv_blocks(model, cpu, 256, 16, 4, per_block) == 16  # one 256-token sequence
+    assert num_kv_blocks(model, cpu, 256, 16, 4, None) == 4 * 16
+    assert num_kv_blocks(model, cpu, 256, 16, 4, 1e-9) == 16
