@@ -83,17 +83,18 @@ class BlockManager:
             found.append(bid)
         return found
 
-    def can_allocate(self, token_ids: list[int]) -> bool:
-        shared = self.cached_prefix(token_ids[:-1])
+    def can_allocate(self, token_ids: list[int], use_cache: bool = True) -> bool:
+        shared = self.cached_prefix(token_ids[:-1]) if use_cache else []
         reusable_free = sum(1 for b in shared if self.blocks[b].ref_count == 0)
         need = self.blocks_for(len(token_ids)) - len(shared)
         return need <= self.num_free - reusable_free
 
-    def allocate(self, table: BlockTable, token_ids: list[int]) -> int:
+    def allocate(self, table: BlockTable, token_ids: list[int], use_cache: bool = True) -> int:
         """Blocks for all of token_ids; returns how many leading tokens are already computed
-        (prefix hits; never all of them, so the last token's logits are always computed)."""
+        (prefix hits; never all of them, so the last token's logits are always computed).
+        use_cache=False computes every token (a request that wants its prompt's logprobs)."""
         assert not table.blocks, "allocate a sequence once; grow() adds blocks after that"
-        shared = self.cached_prefix(token_ids[:-1])
+        shared = self.cached_prefix(token_ids[:-1]) if use_cache else []
         for bid in shared:
             self._share(bid)
         table.blocks = shared + [self._take() for _ in

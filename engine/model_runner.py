@@ -15,7 +15,7 @@ import torch
 from engine.block_manager import BlockManager, BlockTable
 from engine.layers.attention import AttentionBatch, KVCache, kv_dtype
 from engine.models.llama import LlamaModel
-from engine.sampler import sample
+from engine.sampler import logprob_dicts, sample
 from engine.sequence import Sequence
 
 
@@ -51,6 +51,7 @@ class ModelRunner:
     def run(self, scheduled: list[tuple[Sequence, int]]) -> list[Sequence]:
         """Computes each sequence's next n tokens; returns the sequences that sampled."""
         ids, positions, tables, qlens, ctxs, last_rows, to_sample = [], [], [], [], [], [], []
+        prompt_rows: list[tuple[Sequence, int, int]] = []  # (seq, row, prompt token it predicts)
         row = 0
         for seq, n in scheduled:
             start = seq.num_cached
@@ -59,6 +60,8 @@ class ModelRunner:
             tables.append(seq.block_table.blocks)
             qlens.append(n)
             ctxs.append(start + n)
+            prompt_rows += [(seq, row + p - start, seq.prompt_token_ids[p + 1])
+                            for p in seq.prompt_logprob_positions(start, start + n)]
             row += n
             if start + n == seq.num_tokens:
                 last_rows.append(row - 1)
@@ -68,6 +71,8 @@ class ModelRunner:
                             torch.cat(positions).to(self.device), batch)
         for seq, n in scheduled:
             seq.num_cached += n
+        if prompt_rows:
+            self._prompt_logprobs(hidden, prompt_rows)
         if not to_sample:
             return []
         rows = torch.tensor(last_rows, device=self.device)
@@ -75,6 +80,20 @@ class ModelRunner:
         for seq, (token, logprobs) in zip(to_sample, sample(logits, to_sample), strict=True):
             seq.append(token, logprobs)
         return to_sample
+
+    def _prompt_logprobs(self, hidden: torch.Tensor,
+                         prompt_rows: list[tuple[Sequence, int, int]]) -> None:
+        """Appends to each sequence's prompt_logprobs the entries its rows of this step give
+        (rows in position order, so appending keeps prompt order)."""
+        rows = torch.tensor([r for _, r, _ in prompt_rows], device=self.device)
+        logits = self.model.logits(hidden[rows]).cpu()
+        by_k: dict[int, list[int]] = {}
+        for i, (seq, _, _) in enumerate(prompt_rows):
+            by_k.setdefault(seq.params.prompt_logprobs, []).append(i)
+        for k, idx in by_k.items():
+            dicts = logprob_dicts(logits[idx], [prompt_rows[i][2] for i in idx], k)
+            for i, d in zip(idx, dicts, strict=True):
+                prompt_rows[i][0].prompt_logprobs.append(d)
 
     def score(self, token_ids: list[int], blocks: BlockManager) -> torch.Tensor:
         """Teacher-forced logits [T, vocab] fp32 of a token list, in one prefill, in blocks

@@ -72,10 +72,16 @@ def _top_p(probs: Tensor, top_p: float) -> Tensor:
 def _logprobs(row: Tensor, token: int, k: int | None) -> dict[int, float] | None:
     if k is None:
         return None
-    lp = torch.log_softmax(row, -1)
-    out = {token: float(lp[token])}
+    return logprob_dicts(row[None], [token], k)[0]
+
+
+def logprob_dicts(logits: Tensor, tokens: list[int], k: int) -> list[dict[int, float]]:
+    """logits [R, V] fp32 -> per row {token: logprob, then the k most likely others}."""
+    lp = torch.log_softmax(logits, -1)
+    chosen = lp.gather(1, torch.tensor(tokens, dtype=torch.long)[:, None])[:, 0].tolist()
+    out = [{t: c} for t, c in zip(tokens, chosen, strict=True)]
     if k:
         top = torch.topk(lp, k)
-        out.update({int(i): float(v) for i, v in zip(top.indices, top.values, strict=True)
-                    if int(i) not in out})
+        for d, ids, vals in zip(out, top.indices.tolist(), top.values.tolist(), strict=True):
+            d.update({i: v for i, v in zip(ids, vals, strict=True) if i not in d})
     return out

@@ -24,7 +24,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     logprobs: int | None = None  # top alternatives returned with each generated token
-    prompt_logprobs: int | None = None
+    prompt_logprobs: int | None = None  # top alternatives returned with each prompt token
     skip_special_tokens: bool = True
     stop_list: list[str] = field(init=False, repr=False)
 
@@ -37,7 +37,8 @@ class SamplingParams:
         checks = [
             (self.n == 1, "n", "must be 1 for now; several completions per prompt arrive with "
                                "continuous batching"),
-            (self.prompt_logprobs is None, "prompt_logprobs", "is not supported yet"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
+             "must be in [0, 20]"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be at least 1"),
             (self.temperature >= 0, "temperature", "must be >= 0 (0 means greedy)"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),

@@ -52,10 +52,13 @@ class Scheduler:
         while self.waiting and budget and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             tokens = seq.token_ids_between(0, seq.num_tokens)
-            if not self.blocks.can_allocate(tokens):
+            # prompt logprobs need every prompt row computed: no prefix reuse until they are in
+            use_cache = seq.prompt_logprobs is None or \
+                len(seq.prompt_logprobs) == len(seq.prompt_token_ids)
+            if not self.blocks.can_allocate(tokens, use_cache):
                 break
             self.waiting.popleft()
-            seq.num_cached = self.blocks.allocate(seq.block_table, tokens)
+            seq.num_cached = self.blocks.allocate(seq.block_table, tokens, use_cache)
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(seq.num_uncached, budget)

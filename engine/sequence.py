@@ -36,6 +36,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     delta: str = ""  # text that became final in this step (for streaming)
+    # per prompt token {token: logprob, alternatives...}; None for the first token
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     # The single-completion shortcuts of the public API: outs[0].text, .token_ids, ...
     @property
@@ -67,6 +69,19 @@ class Sequence:
     generator: torch.Generator | None = None
     num_cached: int = 0  # tokens whose keys/values are in the cache
     block_table: BlockTable = field(default_factory=BlockTable)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]  # the first token has nothing before it
+
+    def prompt_logprob_positions(self, start: int, end: int) -> range:
+        """Positions among start..end-1 whose row still has to give a prompt logprob: the row
+        at position p predicts prompt token p + 1."""
+        if self.prompt_logprobs is None:
+            return range(0)
+        first = max(start, len(self.prompt_logprobs) - 1)
+        return range(first, min(end, len(self.prompt_token_ids) - 1))
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -121,4 +136,5 @@ class Sequence:
         delta = self.detok.new_text(done)
         out = CompletionOutput(0, self.detok.text, list(self.output_token_ids),
                                self.finish_reason, self.logprobs)
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [out], done, delta)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [out], done, delta,
+                             self.prompt_logprobs)

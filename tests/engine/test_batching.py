@@ -117,3 +117,20 @@ def _common_prefix(a: list[int], b: list[int]) -> list[int]:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return a[:n]
+
+
+def test_prompt_logprobs_are_the_teacher_forced_ones_chunked_and_cached_alike():
+    import torch
+
+    llm, chunked = _llm("int4"), _llm("int4", max_num_batched_tokens=16)
+    ids = _prompts(llm)[9]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=2)
+    ref = torch.log_softmax(llm.score(ids), -1)
+    for run in (llm, llm, chunked):  # the second run's prompt is in the prefix cache
+        pl = run.generate(ids, params)[0].prompt_logprobs
+        assert pl[0] is None and len(pl) == len(ids)
+        for i in range(1, len(ids)):
+            assert 2 <= len(pl[i]) <= 3 and ids[i] in pl[i]
+            assert abs(pl[i][ids[i]] - ref[i - 1, ids[i]].item()) < 1e-3
+            best = ref[i - 1].topk(2)
+            assert set(best.indices.tolist()) <= set(pl[i])
