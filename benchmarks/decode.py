@@ -13,7 +13,6 @@ transformers fp32. Writes JSON with machine, versions and date under benchmarks/
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,12 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.machine import machine_info  # noqa: E402
+from benchmarks.machine import machine_info, write_report  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.report import bytes_per_format, module_weights  # noqa: E402
 
 QUESTION = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class Nibble:
@@ -92,11 +90,7 @@ def main() -> None:
             runs[v.name].append(v.run(args.tokens))
             print(f"round {r + 1}/{args.rounds} {v.name:>20}: {runs[v.name][-1]:7.1f} tok/s", file=sys.stderr)
     report = _report(args, variants, runs)
-    out = args.out or RESULTS / f"decode-{time.strftime('%Y-%m-%d')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(_table(report))
-    print(f"\nwrote {out}", file=sys.stderr)
+    write_report(report, args.out, "decode", _table(report))
 
 
 def _report(args, variants, runs) -> dict:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _cpu_model() -> str:
@@ -40,3 +46,13 @@ def machine_info() -> dict:
     except ImportError:
         pass
     return info
+
+
+def write_report(report: dict, out: Path | None, name: str, table: str) -> Path:
+    """Writes the JSON (default results/<name>-<date>.json) and prints the markdown table."""
+    out = out or RESULTS / f"{name}-{time.strftime('%Y-%m-%d')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(table)
+    print(f"\nwrote {out}", file=sys.stderr)
+    return out

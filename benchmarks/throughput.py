@@ -15,7 +15,6 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,11 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.machine import machine_info  # noqa: E402
+from benchmarks.machine import machine_info, write_report  # noqa: E402
 from benchmarks.quality import corpus_chunks  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run_once(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
@@ -70,11 +67,7 @@ def main() -> None:
                 print(f"round {r + 1}/{args.rounds} {q:>5} x{c:<3} {runs[q, c][-1]:7.1f} tok/s",
                       file=sys.stderr)
     report = _report(args, levels, runs)
-    out = args.out or RESULTS / f"throughput-{time.strftime('%Y-%m-%d')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(_table(report))
-    print(f"\nwrote {out}", file=sys.stderr)
+    write_report(report, args.out, "throughput", _table(report))
 
 
 def _report(args, levels: list[int], runs: dict) -> dict:
