@@ -80,13 +80,10 @@ class AttentionBatch:
                    [r.to(device) for r in reads], cache)
 
     @classmethod
-    def single(cls, query_len: int, context_len: int, cache: KVCache,
-               first_block: int = 0) -> AttentionBatch:
-        """One sequence whose blocks are first_block, first_block + 1, ... (tests, scoring)."""
+    def single(cls, query_len: int, context_len: int, cache: KVCache) -> AttentionBatch:
+        """One sequence in blocks 0, 1, 2, ... (tests)."""
         n = -(-context_len // cache.block_size)
-        device = cache.k[0].device
-        return cls.build([list(range(first_block, first_block + n))], [query_len],
-                         [context_len], cache, device)
+        return cls.build([list(range(n))], [query_len], [context_len], cache, cache.k[0].device)
 
 
 def _mask(query_len: int, context_len: int, device) -> Tensor | None:

@@ -35,11 +35,15 @@ def quantize(fmt: str, w: torch.Tensor, group_size: int) -> dict[str, torch.Tens
     return {"qweight": qweight, "absmax": absmax}
 
 
-def magnitude(fmt: str, t: dict[str, torch.Tensor], K: int, g: int) -> torch.Tensor:
-    """A [N, K]: what the weight rounding error scales with (see the module docstring)."""
+def magnitude(fmt: str, t: dict[str, torch.Tensor], K: int, g: int,
+              offsets: bool = False) -> torch.Tensor:
+    """A [N, K]: what the weight rounding error scales with (see the module docstring).
+    offsets: int4 computed as q * s + (z - 8s), as the Triton kernels do."""
     if fmt == "int4":
         q = R.unpack_nibbles(t["qweight"], K).float()
         s, z = R.expand_groups(t["scales"], K, g), R.expand_groups(t["zeros"], K, g)
+        if offsets:
+            return q * s + (z - 8 * s).abs()
         return (q - 8).abs() * s + z.abs()
     if fmt == "int8":
         return R.dequantize_int8(t["qweight"], t["scales"]).abs()

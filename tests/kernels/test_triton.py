@@ -19,7 +19,13 @@ from kernels import dispatch  # noqa: E402
 from kernels import reference as R  # noqa: E402
 from kernels.triton import layout, qgemm, tuning  # noqa: E402
 from kernels.triton.qgemm import KernelConfig  # noqa: E402
-from tests.kernels.cases import assert_within_bound, quantize, reference, weights  # noqa: E402
+from tests.kernels.cases import (  # noqa: E402
+    assert_within_bound,
+    magnitude,
+    quantize,
+    reference,
+    weights,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() and not qgemm.interpreting() else "cpu"
 # On a GPU machine every test here runs compiled on CUDA and `pytest -m gpu` selects them.
@@ -48,15 +54,8 @@ PATH_MS = {"tiled": MS, "split-k": MS, "dequant-matmul": MS, "tiled-wide": [17, 
 
 
 def _triton_magnitude(fmt: str, t: dict, K: int, g: int) -> torch.Tensor:
-    """A for the Triton layout: int4 computes q * s + (z - 8s), so its roundings scale with
-    q * s + |z - 8s| (see tests/kernels/cases.py for the bound)."""
-    if fmt == "int4":
-        q = R.unpack_nibbles(t["qweight"], K).float()
-        s, z = R.expand_groups(t["scales"], K, g), R.expand_groups(t["zeros"], K, g)
-        return q * s + (z - 8 * s).abs()
-    if fmt == "int8":
-        return R.dequantize_int8(t["qweight"], t["scales"]).abs()
-    return R.dequantize_nf4(t["qweight"], t["absmax"], g, K).abs()
+    """int4 computes q * s + (z - 8s) here (see tests/kernels/cases.py for the bound)."""
+    return magnitude(fmt, t, K, g, offsets=True)
 
 
 def _case(fmt: str, K: int, g: int, dtype: torch.dtype, seed: int):
