@@ -17,6 +17,7 @@ from engine.layers.attention import AttentionBatch, KVCache, kv_dtype
 from engine.models.llama import LlamaModel
 from engine.sampler import logprob_dicts, sample
 from engine.sequence import Sequence
+from kernels.dispatch import backend_for
 
 
 def num_kv_blocks(model: LlamaModel, device: torch.device, max_model_len: int, block_size: int,
@@ -47,6 +48,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads,
                              cfg.head_dim, kv_dtype(model.policy.act_dtype, device), device)
+        # decode attention through the Triton paged kernel wherever the GEMMs run on Triton
+        self.decode_kernel = backend_for(device) == "triton"
 
     def run(self, scheduled: list[tuple[Sequence, int]]) -> list[Sequence]:
         """Computes each sequence's next n tokens; returns the sequences that sampled."""
@@ -66,7 +69,8 @@ class ModelRunner:
             if start + n == seq.num_tokens:
                 last_rows.append(row - 1)
                 to_sample.append(seq)
-        batch = AttentionBatch.build(tables, qlens, ctxs, self.cache, self.device)
+        batch = AttentionBatch.build(tables, qlens, ctxs, self.cache, self.device,
+                                     self.decode_kernel)
         hidden = self.model(torch.tensor(ids, device=self.device),
                             torch.cat(positions).to(self.device), batch)
         for seq, n in scheduled:

@@ -35,8 +35,7 @@ class SamplingParams:
 
     def _check(self) -> None:
         checks = [
-            (self.n == 1, "n", "must be 1 for now; several completions per prompt are not "
-                               "built yet (send the prompt n times with different seeds)"),
+            (isinstance(self.n, int) and 1 <= self.n <= 128, "n", "must be in [1, 128]"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
              "must be in [0, 20]"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be at least 1"),

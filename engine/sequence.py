@@ -26,6 +26,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     logprobs: list[dict[int, float]] | None = None  # per token: {token_id: logprob}, chosen first
+    delta: str = ""  # text that became final in this step (for streaming)
 
 
 @dataclass
@@ -35,7 +36,6 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
-    delta: str = ""  # text that became final in this step (for streaming)
     # per prompt token {token: logprob, alternatives...}; None for the first token
     prompt_logprobs: list[dict[int, float] | None] | None = None
 
@@ -51,6 +51,10 @@ class RequestOutput:
     @property
     def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason
+
+    @property
+    def delta(self) -> str:
+        return self.outputs[0].delta
 
 
 @dataclass(eq=False)  # a request is itself: compared and removed by identity, not by value
@@ -70,6 +74,7 @@ class Sequence:
     num_cached: int = 0  # tokens whose keys/values are in the cache
     block_table: BlockTable = field(default_factory=BlockTable)
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    index: int = 0  # which of the request's n completions
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None:
@@ -131,10 +136,13 @@ class Sequence:
     def finish(self, reason: str) -> None:
         self.status, self.finish_reason = Status.FINISHED, reason
 
-    def to_output(self) -> RequestOutput:
-        done = self.status is Status.FINISHED
-        delta = self.detok.new_text(done)
-        out = CompletionOutput(0, self.detok.text, list(self.output_token_ids),
-                               self.finish_reason, self.logprobs)
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [out], done, delta,
-                             self.prompt_logprobs)
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def completion(self, stepped: bool) -> CompletionOutput:
+        """This sequence's output so far; stepped: it produced a token this step, so the text
+        that became final is handed out as the delta (once)."""
+        delta = self.detok.new_text(self.finished) if stepped else ""
+        return CompletionOutput(self.index, self.detok.text, list(self.output_token_ids),
+                                self.finish_reason, self.logprobs, delta)

@@ -8,6 +8,10 @@ sequence sits in slot table[i // block_size] * block_size + i % block_size.
 
 Per layer, every new row's key and value is written first, then attention reads: a sequence
 may read blocks another sequence of the same step has just written (a shared prompt prefix).
+
+Where the GEMMs run on Triton (CUDA), the sequences of a step that decode one token go through
+one launch of the paged decode kernel (kernels/triton/paged_attention.py), which reads the
+cache through the block tables in place; prompt chunks use SDPA per sequence.
 """
 
 from __future__ import annotations
@@ -52,6 +56,16 @@ class KVCache:
 
 
 @dataclass
+class DecodeRows:
+    """The one-row sequences of a batch, laid out for the paged decode kernel."""
+
+    seqs: list[int]  # their indices among the batch's sequences
+    rows: Tensor  # [B] their rows in the flat batch
+    tables: Tensor  # int32 [B, max blocks], padded
+    lens: Tensor  # int32 [B] context lengths
+
+
+@dataclass
 class AttentionBatch:
     """Per-sequence layout of one forward pass (sequences in row order).
 
@@ -65,10 +79,13 @@ class AttentionBatch:
     write_slots: Tensor
     read_slots: list[Tensor]
     cache: KVCache
+    decode: DecodeRows | None = None
 
     @classmethod
     def build(cls, block_tables: list[list[int]], query_lens: list[int], context_lens: list[int],
-              cache: KVCache, device: torch.device | str = "cpu") -> AttentionBatch:
+              cache: KVCache, device: torch.device | str = "cpu",
+              decode_kernel: bool = False) -> AttentionBatch:
+        """decode_kernel: send one-row sequences through the Triton paged decode kernel."""
         for q, c, table in zip(query_lens, context_lens, block_tables, strict=True):
             if not 0 < q <= c <= len(table) * cache.block_size:
                 raise ValueError(f"bad attention layout: query {q}, context {c}, "
@@ -76,8 +93,17 @@ class AttentionBatch:
         reads = [cache.slots(t, 0, c) for t, c in zip(block_tables, context_lens, strict=True)]
         writes = torch.cat([r[c - q:] for r, q, c in zip(reads, query_lens, context_lens,
                                                           strict=True)])
+        decode = None
+        one_row = [i for i, q in enumerate(query_lens) if q == 1]
+        if decode_kernel and one_row:
+            rows = torch.tensor(query_lens).cumsum(0)[one_row] - 1
+            width = max(len(block_tables[i]) for i in one_row)
+            tables = torch.tensor([block_tables[i] + [0] * (width - len(block_tables[i]))
+                                   for i in one_row], dtype=torch.int32)
+            lens = torch.tensor([context_lens[i] for i in one_row], dtype=torch.int32)
+            decode = DecodeRows(one_row, rows.to(device), tables.to(device), lens.to(device))
         return cls(list(query_lens), list(context_lens), writes.to(device),
-                   [r.to(device) for r in reads], cache)
+                   [r.to(device) for r in reads], cache, decode)
 
     @classmethod
     def single(cls, query_len: int, context_len: int, cache: KVCache) -> AttentionBatch:
@@ -103,22 +129,51 @@ def paged_attention(layer: int, q: Tensor, k: Tensor, v: Tensor, batch: Attentio
     kc.index_copy_(0, batch.write_slots, k.to(kc.dtype))
     vc.index_copy_(0, batch.write_slots, v.to(vc.dtype))
     q = q.to(kc.dtype)
-    # One attention call per sequence, on exactly its own context: a row's result is then
+    if batch.decode is not None:
+        return _with_decode_kernel(q, kc, vc, batch, scale).to(k.dtype)
+    # Otherwise one attention call per sequence, on exactly its own context: a row's result is then
     # bitwise the same whatever else is in the batch (a padded, masked batch call measured
     # 10-20% faster at 16 sequences but sums softmax over the padded width: last-bit
     # differences that flipped near-tie greedy tokens against the same request run alone).
-    outs, start = [], 0
-    for qlen, ctx, slots in zip(batch.query_lens, batch.context_lens, batch.read_slots,
-                                strict=True):
-        end = start + qlen
-        qs = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, qlen, D]
-        keys = kc[slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
-        values = vc[slots].transpose(0, 1).unsqueeze(0)
-        causal = qlen == ctx and qlen > 1
-        mask = None if causal else _mask(qlen, ctx, q.device)
-        o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, is_causal=causal,
-                                           scale=scale, enable_gqa=True)
-        outs.append(o[0].transpose(0, 1).reshape(qlen, -1))
-        start = end
+    outs = [_sdpa(q[start:start + qlen], kc, vc, slots, ctx, scale)
+            for start, qlen, ctx, slots in _spans(batch)]
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
     return out.to(k.dtype)
+
+
+def _spans(batch: AttentionBatch):
+    """(first row, query rows, context length, read slots) per sequence, in row order."""
+    start = 0
+    for qlen, ctx, slots in zip(batch.query_lens, batch.context_lens, batch.read_slots,
+                                strict=True):
+        yield start, qlen, ctx, slots
+        start += qlen
+
+
+def _sdpa(q: Tensor, kc: Tensor, vc: Tensor, slots: Tensor, ctx: int, scale: float) -> Tensor:
+    """One sequence: q [qlen, H, D], its last qlen rows of ctx -> [qlen, H*D]."""
+    qlen = q.shape[0]
+    qs = q.transpose(0, 1).unsqueeze(0)  # [1, H, qlen, D]
+    keys = kc[slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
+    values = vc[slots].transpose(0, 1).unsqueeze(0)
+    causal = qlen == ctx and qlen > 1
+    mask = None if causal else _mask(qlen, ctx, q.device)
+    o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, is_causal=causal,
+                                       scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1).reshape(qlen, -1)
+
+
+def _with_decode_kernel(q: Tensor, kc: Tensor, vc: Tensor, batch: AttentionBatch,
+                        scale: float) -> Tensor:
+    """One-row sequences in one paged-kernel launch, the rest through SDPA."""
+    from kernels.triton.paged_attention import paged_decode_attention
+
+    d = batch.decode
+    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+    o = paged_decode_attention(q[d.rows], kc, vc, d.tables, d.lens, batch.cache.block_size, scale)
+    out[d.rows] = o.reshape(len(d.seqs), -1)
+    decoded = set(d.seqs)
+    for i, (start, qlen, ctx, slots) in enumerate(_spans(batch)):
+        if i not in decoded:
+            out[start:start + qlen] = _sdpa(q[start:start + qlen], kc, vc, slots, ctx, scale)
+    return out

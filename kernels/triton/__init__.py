@@ -1,2 +1,3 @@
-"""Fused dequantize-GEMM kernels in Triton: layout.py (the packed layout, plain torch),
-qgemm.py (the kernels and launchers), tuning.py (which path serves which batch size)."""
+"""Triton kernels: layout.py (the packed layout, plain torch), qgemm.py (fused dequantize-GEMM
+kernels and launchers), tuning.py (which path serves which batch size), paged_attention.py
+(decode attention over the paged KV cache)."""

@@ -134,3 +134,79 @@ def test_prompt_logprobs_are_the_teacher_forced_ones_chunked_and_cached_alike():
             assert abs(pl[i][ids[i]] - ref[i - 1, ids[i]].item()) < 1e-3
             best = ref[i - 1].topk(2)
             assert set(best.indices.tolist()) <= set(pl[i])
+
+
+def test_n_completions_share_the_prompt_blocks_and_reproduce_with_a_seed():
+    llm = _llm("int4")
+    prompt = _prompts(llm)[5]
+    params = SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=11, ignore_eos=True)
+    engine = llm.engine
+    hits = engine.stats().prefix_cache_hit_tokens
+    engine.add_request("fork", prompt, params)
+    engine.step()  # the prompt (it fits one step's budget) and the first completion's token
+    seqs = engine._by_id["fork"].seqs
+    assert len(seqs) == 3
+    engine.step()  # the other two join: their tables start with the prompt's full blocks
+    full = len(prompt) // 16
+    assert full >= 2
+    assert seqs[1].block_table.blocks[:full] == seqs[0].block_table.blocks[:full]
+    assert seqs[2].block_table.blocks[:full] == seqs[0].block_table.blocks[:full]
+    assert engine.stats().prefix_cache_hit_tokens - hits >= 2 * full * 16
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                result = out
+    texts = [c.token_ids for c in result.outputs]
+    assert [c.index for c in result.outputs] == [0, 1, 2]
+    assert all(len(t) == 12 for t in texts) and len({tuple(t) for t in texts}) == 3
+    # the first completion is the n = 1 request with the same seed; the set reproduces amid
+    # other requests
+    assert texts[0] == llm.generate(prompt, SamplingParams(
+        max_tokens=12, temperature=1.0, seed=11, ignore_eos=True))[0].token_ids
+    mixed = llm.generate(_prompts(llm)[:4] + [prompt], [GREEDY] * 4 + [params])
+    assert [c.token_ids for c in mixed[4].outputs] == texts
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_n_completions_stream_their_own_deltas_and_abort_together():
+    llm = _llm("int4")
+    engine = llm.engine
+    free = engine.stats().kv_blocks_free
+    params = SamplingParams(n=2, max_tokens=30, temperature=1.0, seed=3, ignore_eos=True)
+    engine.add_request("two", _prompts(llm)[2], params)
+    pieces = {0: "", 1: ""}
+    for _ in range(6):
+        for out in engine.step():
+            for c in out.outputs:
+                pieces[c.index] += c.delta
+                assert c.text.startswith(pieces[c.index])
+    assert engine.abort("two")
+    assert engine.stats().kv_blocks_free == free and not engine.has_unfinished()
+
+
+def test_stop_strings_across_token_boundaries_in_a_batch():
+    """Each request stops at a string spanning two of its greedy tokens, among requests that
+    do not stop: the text ends right before it, and the others run to max_tokens."""
+    llm = _llm("int4")
+    prompts = _prompts(llm)[:6]
+    tok = llm.tokenizer
+    stops = {}
+    for i in (1, 4):
+        ids = _alone("int4")[i]
+        pieces = [tok.decode(ids[:j], skip_special_tokens=True) for j in range(len(ids) + 1)]
+        # token j ends with pieces[j + 1]'s character before the boundary; the stop string is
+        # that character and the next one, which the following token brings
+        j = next(j for j in range(3, len(ids) - 1) if len(pieces[j]) > len(pieces[j - 1])
+                 and len(pieces[j + 1]) > len(pieces[j]) and pieces[j + 1].startswith(pieces[j]))
+        stops[i] = pieces[j + 1][len(pieces[j]) - 1:len(pieces[j]) + 1]
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                             stop=[stops[i]] if i in stops else None) for i in range(6)]
+    outs = llm.generate(prompts, params)
+    for i, out in enumerate(outs):
+        full = tok.decode(_alone("int4")[i], skip_special_tokens=True)
+        if i in stops:
+            assert out.finish_reason == "stop"
+            assert out.text == full[:full.find(stops[i])]
+            assert stops[i] not in out.text
+        else:
+            assert out.finish_reason == "length" and out.text == full

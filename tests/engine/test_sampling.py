@@ -53,7 +53,7 @@ def test_min_p_one_keeps_only_the_top_token(llm_factory):
 
 
 @pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_p": 0}, {"max_tokens": 0},
-                                    {"n": 2}, {"stop": [""]}, {"logprobs": 50}])
+                                    {"n": 0}, {"stop": [""]}, {"logprobs": 50}])
 def test_bad_sampling_params_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
         SamplingParams(**kwargs)

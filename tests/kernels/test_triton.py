@@ -277,3 +277,32 @@ def test_cli_logs_the_kernel_dispatch(tiny_llama):
     # q|k|v, o, gate|up and down: four distinct int4 shapes in a 2-layer model
     assert len(lines) == 4, proc.stderr
     assert "M 1-16: split-k; M 17-256+: tiled" in lines[0]
+
+
+@needs_interpreter
+def test_decode_steps_run_the_paged_attention_kernel(tiny_llama, monkeypatch):
+    """On the Triton backend a decode step's attention is the paged kernel: a batch of two
+    prompts of different lengths generates tokens whose logprobs are the teacher-forced ones
+    of the CPU path."""
+    from engine import LLM, SamplingParams
+    from kernels.triton import paged_attention
+
+    prompts = [list(range(100, 140)), list(range(300, 323))]
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=0)
+    cpu = LLM(str(tiny_llama), quant="int8", progress=False, max_model_len=128)
+    monkeypatch.setenv("NIBBLE_KERNELS", "triton")
+    calls = []
+    kernel = paged_attention.paged_decode_attention
+    monkeypatch.setattr(paged_attention, "paged_decode_attention",
+                        lambda q, *a: calls.append(q.shape[0]) or kernel(q, *a))
+    llm = LLM(str(tiny_llama), quant="int8", progress=False, max_model_len=128)
+    assert llm.engine.runner.decode_kernel
+    outs = llm.generate(prompts, params)
+    assert calls and max(calls) == 2  # both sequences decode in one launch
+    for prompt, out in zip(prompts, outs, strict=True):
+        logits = cpu.score(prompt + out.token_ids[:-1])[len(prompt) - 1:]
+        want = torch.log_softmax(logits, -1)
+        got = torch.tensor([lp[t] for lp, t in zip(out.outputs[0].logprobs, out.token_ids,
+                                                         strict=True)])
+        ref = want[torch.arange(len(got)), torch.tensor(out.token_ids)]
+        assert (got - ref).abs().max().item() < 0.02
