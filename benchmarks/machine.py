@@ -29,7 +29,10 @@ def machine_info() -> dict:
 
     info = {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__}
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            # the widest SIMD set torch's CPU kernels use here (AVX2, AVX512, ...): CPU numbers
+            # from machines that differ in it are not comparable
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda

@@ -67,7 +67,21 @@ def main() -> None:
                 print(f"round {r + 1}/{args.rounds} {q:>5} x{c:<3} {runs[q, c][-1]:7.1f} tok/s",
                       file=sys.stderr)
     report = _report(args, levels, runs)
+    report["kernel_paths"] = {q: _paths(llm) for q, llm in llms.items()}
     write_report(report, args.out, "throughput", _table(report))
+
+
+def _paths(llm: LLM) -> dict:
+    """Which kernels served a decoder layer's down projection at 1, 16 and 512 rows, and the
+    lm_head (the CPU picks both by measuring at load)."""
+    down = llm.model.quant_linears()["layers.0.mlp.down_proj"].method
+    out = {f"down_proj_M{m}": down.kernel_path(m) for m in (1, 16, 512)} \
+        if hasattr(down, "kernel_path") else {"down_proj": "fbgemm fp16 GEMM" if getattr(
+            down, "_fp16_gemm", None) is not None else "F.linear"}
+    head = llm.model.lm_head.method
+    out["lm_head"] = "fbgemm fp16 GEMM" if getattr(head, "_fp16_gemm", None) is not None \
+        else "F.linear"
+    return out
 
 
 def _report(args, levels: list[int], runs: dict) -> dict:

@@ -181,6 +181,9 @@ class EngineConfig:
     # KV cache size: bytes (> 1), or a fraction (0..1] of the machine's memory; None: enough
     # for max_num_seqs full-length sequences, at most 10% of the memory
     kv_cache_memory: float | None = None
+    # True: every batch size takes the same kernel path, so a request's tokens do not depend on
+    # what else is batched with it; False (default): the path is picked per batch size for speed
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         self.policy  # noqa: B018 - parse now, so a typo fails at construction
@@ -198,6 +201,8 @@ class EngineConfig:
                                 or mem <= 0):
             raise ConfigError(f"kv_cache_memory must be bytes (e.g. 2e9) or a fraction of memory "
                               f"(e.g. 0.2), got {mem!r}")
+        if not isinstance(self.batch_invariant, bool):
+            raise ConfigError(f"batch_invariant must be true or false, got {self.batch_invariant!r}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 

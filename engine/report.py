@@ -26,6 +26,9 @@ def module_weights(model: LlamaModel) -> list[ModuleWeights]:
             continue
         bias = lin.bias.numel() * lin.bias.element_size() if lin.bias is not None else 0
         rows.append(ModuleWeights(name, str(lin.spec), lin.method.stored_bytes + bias))
+    for name, lin in model.quant_linears().items():
+        if extra := getattr(lin.method, "extra_bytes", 0):
+            rows.append(ModuleWeights(f"{name} (fp16 GEMM copy)", "fp16", extra))
     for name, param in model.named_parameters():
         fmt = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}[str(param.dtype)]
         rows.append(ModuleWeights(name.removesuffix(".weight"), fmt, param.numel() * param.element_size()))

@@ -48,14 +48,30 @@ bf16, group 64, median microseconds), K x N:
 
 Chosen: dequantize once at prepare, F.linear per call: 5-30x faster than any path that
 keeps 4-bit codes resident, because CPU gathers do not vectorize and every call would
-re-expand N*K values; the cost is 16-bit weight memory for nf4 layers on CPU. Note that at
-M = 64 dense bf16 also beats the int4 fused op (2.2-2.7x): prefill-sized batches would be
-faster through a dense path, a choice for batch-size dispatch.
+re-expand N*K values; the cost is 16-bit weight memory for nf4 layers on CPU.
+
+Batch-size dispatch (int4, int8). The fused ops scale like a GEMV: each row re-reads the
+weights, so a 512-row prefill chunk costs about 512 single-row calls. Past some M it is
+faster to dequantize the layer per call into an fp32 scratch buffer (shared by all layers of
+a shape, so no weight copy stays resident) and run one fp32 GEMM that reuses each weight
+across rows. Where that crossover lies depends on the CPU, so prepare measures both paths at
+M = 64, 128, 256 and 512 on the layer's shape (once per shape per process; NIBBLE_TUNE=0
+skips it) and records the smallest M from which the dense path wins. Measured on a 2-core
+AVX2 EPYC, 576x1536, int4 g64: fused 2.4 / 4.8 / 9.4 / 18.6 ms vs dense 2.3 / 3.0 / 4.6 /
+8.1 ms at M = 64 / 128 / 256 / 512. The two paths round differently, so a row's result then
+depends on how many rows share its call: prepare(batch_invariant=True) keeps the fused op
+for every M (its rows are bitwise independent of the batch).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +79,12 @@ from torch import Tensor
 
 from kernels import reference
 
+log = logging.getLogger("nibble.kernels")
+
 # Tensors plus a few ints (sizes); never strings or config objects.
-Prepared = dict[str, Tensor | int]
+Prepared = dict[str, Tensor | int | None]
+
+DENSE_PROBE_M = (64, 128, 256, 512)
 
 _INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 _INT4_N_MULTIPLE = 16
@@ -115,6 +135,107 @@ def is_dense(prepared: Prepared) -> bool:
     return "weight" in prepared
 
 
+def path(prepared: Prepared, M: int) -> str:
+    """"cpu-dense" (16-bit weights, or dequantize per call at this M) or "cpu-fused"."""
+    if is_dense(prepared):
+        return "cpu-dense"
+    start = prepared.get("dense_from")
+    return "cpu-dense" if start is not None and start <= M else "cpu-fused"
+
+
+_SCRATCH: dict[tuple, Tensor] = {}
+
+
+def _scratch(tag: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A buffer reused by every call with this tag and shape: the dense path dequantizes a whole
+    layer per call, and fresh multi-MB allocations would page-fault on every call. The engine
+    runs one forward pass at a time, so layers never use a buffer concurrently."""
+    key = (tag, shape, dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        buf = _SCRATCH[key] = torch.empty(shape, dtype=dtype)
+    return buf
+
+
+def _median_seconds(fn: Callable[[Tensor], Tensor], x: Tensor, reps: int = 3) -> float:
+    fn(x)  # warm-up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+_DENSE_FROM: dict[tuple, int | None] = {}
+
+
+def _dense_from(key: tuple, fused: Callable[[Tensor], Tensor], dense: Callable[[Tensor], Tensor],
+                K: int, act_dtype: torch.dtype, batch_invariant: bool) -> int | None:
+    """The smallest probed M from which dense beats fused (at it and every larger probe), or
+    None: measured once per key and thread count; never with batch_invariant or NIBBLE_TUNE=0."""
+    if batch_invariant or os.environ.get("NIBBLE_TUNE") == "0":
+        return None
+    key = (*key, torch.get_num_threads())
+    if key not in _DENSE_FROM:
+        start = None
+        for M in reversed(DENSE_PROBE_M):
+            x = torch.randn(M, K).to(act_dtype)
+            if _median_seconds(dense, x) >= _median_seconds(fused, x):
+                break
+            start = M
+        _DENSE_FROM[key] = start
+        where = f"dequantize + fp32 GEMM from M {start}" if start else "fused at every M"
+        log.info("cpu dispatch %s: %s", "x".join(map(str, key[:-1])), where)
+    return _DENSE_FROM[key]
+
+
+def fp16_gemm_prepare(weight: Tensor, batch_invariant: bool = False) -> Any | None:
+    """16-bit dense weights [N, K]: fbgemm's fp16 GEMM (fp16 weights, fp32 math) packed, where
+    on this CPU it beats F.linear by 1.25x at 16 rows and is not slower at 1 row (within the
+    10% a 2-core machine's timings wander); else None. On CPUs without
+    bf16 matmul units a bf16 F.linear is emulated (2-core AVX2 EPYC, 576x49152 lm_head: 3.5 ms
+    at M = 1, 49 ms at M = 16, against 2.3 and 9.1 ms for fbgemm fp16). The packed copy is
+    extra memory (the 16-bit weight stays: a tied lm_head shares it with the embedding).
+    fbgemm's rows are not bitwise independent of the batch: never with batch_invariant."""
+    if batch_invariant or os.environ.get("NIBBLE_TUNE") == "0" or weight.device.type != "cpu":
+        return None
+    if weight.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    N, K = weight.shape
+    key = ("fp16-gemm", K, N, weight.dtype, torch.get_num_threads())
+    if key not in _DENSE_FROM:
+        packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
+        gains = []
+        for M in (1, 16):
+            x = torch.randn(M, K).to(weight.dtype)
+            gains.append(_median_seconds(lambda x: F.linear(x, weight), x, reps=5)
+                         / _median_seconds(lambda x: fp16_gemm(x, packed), x, reps=5))
+        _DENSE_FROM[key] = 1 if gains[0] >= 0.9 and gains[1] >= 1.25 else None
+        log.info("cpu dispatch %dx%d %s: %s (%.1fx at 1 row, %.1fx at 16)", K, N,
+                 str(weight.dtype).removeprefix("torch."),
+                 "fbgemm fp16 GEMM" if _DENSE_FROM[key] else "F.linear", *gains)
+        return packed if _DENSE_FROM[key] else None
+    if _DENSE_FROM[key] is None:
+        return None
+    return torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
+
+
+def fp16_gemm(x: Tensor, packed: Any, bias: Tensor | None = None) -> Tensor:
+    """x [..., K] -> [..., N] in x's dtype, through fbgemm's fp16 GEMM."""
+    y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, x.shape[-1]).float(), packed)
+    y = y.to(x.dtype)
+    if bias is not None:
+        y.add_(bias)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _dense_rows(x2: Tensor, w_t: Tensor, N: int) -> Tensor:
+    """x2 [M, K] @ fp32 W^T [K, >=N] -> [M, N] in x2's dtype."""
+    y = torch.mm(x2.float(), w_t)
+    return (y if y.shape[1] == N else y[:, :N]).to(x2.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # int4: aten._weight_int4pack_mm_for_cpu
 # ---------------------------------------------------------------------------------------------
@@ -143,12 +264,14 @@ def int4_prepare(
     group_size: int,
     K: int,
     act_dtype: torch.dtype = torch.bfloat16,
+    batch_invariant: bool = False,
 ) -> Prepared:
     """Repack int4 weights for the fused CPU op (or dequantize, see the module docstring).
 
     qweight uint8 [N, ceil(K/2)], scales/zeros float32 [N, ceil(K/group_size)].
     Returns {"packed": uint8 [Np, K/2], "scales_and_zeros": [K/kg, Np, 2] act_dtype,
-    "group_size": kg, "N": N} with Np = N rounded up to 16, or {"weight": [N, K] act_dtype}.
+    "group_size": kg, "N": N, "dense_from": M or None} with Np = N rounded up to 16, or
+    {"weight": [N, K] act_dtype}.
     """
     kg = _int4_kernel_group(K, group_size)
     if kg is None:
@@ -164,18 +287,64 @@ def int4_prepare(
         sz = torch.cat([sz, sz.new_zeros(sz.shape[0], pad, 2)], dim=1)
     # innerKTiles (2) only matters for the CUDA layout; the CPU packer ignores it.
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-    return {"packed": packed, "scales_and_zeros": sz, "group_size": kg, "N": N}
+    prepared: Prepared = {"packed": packed, "scales_and_zeros": sz, "group_size": kg, "N": N,
+                          "dense_from": None}
+    if packed.shape[0] % _INT4_PACK_ROWS == 0 and torch.equal(_int4_codes_t(packed), q.T):
+        prepared["dense_from"] = _dense_from(
+            ("int4", K, N, kg, act_dtype), lambda x: _int4_fused(x, prepared),
+            lambda x: _dense_rows(x, _int4_dense_t(prepared), N), K, act_dtype, batch_invariant)
+    return prepared
+
+
+# The CPU packer's layout, read off its output (torch 2.13; prepare checks it on the machine it
+# runs on and keeps the fused op alone where it differs): rows go in blocks of 32; within a
+# block, byte (k, j) of the block's [K, 16] bytes holds row j's code k in its low nibble and
+# row j + 16's in its high nibble.
+_INT4_PACK_ROWS = 32
+
+
+def _int4_unpack_into(packed: Tensor) -> Tensor:
+    """uint8 [Np/32, K, 32]: the codes of each block of 32 rows, k-major."""
+    Np, K = packed.shape[0], packed.shape[1] * 2
+    b = packed.view(Np // _INT4_PACK_ROWS, K, 16)
+    u = _scratch("int4-codes", (Np // _INT4_PACK_ROWS, K, _INT4_PACK_ROWS), torch.uint8)
+    torch.bitwise_and(b, 15, out=u[..., :16])
+    torch.bitwise_right_shift(b, 4, out=u[..., 16:])
+    return u
+
+
+def _int4_codes_t(packed: Tensor) -> Tensor:
+    """The codes as [K, Np] (W^T's layout), decoded from the packed bytes."""
+    u = _int4_unpack_into(packed)
+    return u.permute(1, 0, 2).reshape(u.shape[1], -1).to(torch.int32)
+
+
+def _int4_dense_t(prepared: Prepared) -> Tensor:
+    """fp32 W^T [K, Np] dequantized from the packed codes into a shared scratch buffer."""
+    packed, sz, kg = prepared["packed"], prepared["scales_and_zeros"], prepared["group_size"]
+    Np, K = packed.shape[0], packed.shape[1] * 2
+    u = _int4_unpack_into(packed)
+    w = _scratch("int4-dense", (K, Np), torch.float32)
+    w.view(K, Np // _INT4_PACK_ROWS, _INT4_PACK_ROWS).copy_(u.permute(1, 0, 2))
+    w3 = w.view(K // kg, kg, Np)  # W = (q - 8) * scale + zero, per kernel group
+    w3.sub_(8).mul_(sz[:, None, :, 0]).add_(sz[:, None, :, 1])
+    return w
+
+
+def _int4_fused(x2: Tensor, prepared: Prepared) -> Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x2, prepared["packed"], prepared["group_size"], prepared["scales_and_zeros"])
 
 
 def int4_linear(x: Tensor, prepared: Prepared, bias: Tensor | None = None) -> Tensor:
     """x [..., K] act_dtype -> [..., N] act_dtype."""
     if is_dense(prepared):
         return _dense_linear(x, prepared, bias, "int4")
-    packed, sz = prepared["packed"], prepared["scales_and_zeros"]
-    K = packed.shape[1] * 2
-    x2 = _rows(x, K, sz.dtype, "int4")
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, prepared["group_size"], sz)
-    return _finish(y, x.shape[:-1], prepared["N"], bias)
+    packed, sz, N = prepared["packed"], prepared["scales_and_zeros"], prepared["N"]
+    x2 = _rows(x, packed.shape[1] * 2, sz.dtype, "int4")
+    if path(prepared, x2.shape[0]) == "cpu-dense":
+        return _finish(_dense_rows(x2, _int4_dense_t(prepared), N), x.shape[:-1], N, bias)
+    return _finish(_int4_fused(x2, prepared), x.shape[:-1], N, bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +353,8 @@ def int4_linear(x: Tensor, prepared: Prepared, bias: Tensor | None = None) -> Te
 
 
 def int8_prepare(
-    qweight: Tensor, scales: Tensor, act_dtype: torch.dtype = torch.bfloat16
+    qweight: Tensor, scales: Tensor, act_dtype: torch.dtype = torch.bfloat16,
+    batch_invariant: bool = False,
 ) -> Prepared:
     """qweight int8 [N, K], scales float32 [N] -> {"qweight", "scales" act_dtype [N]},
     or {"weight": [N, K] act_dtype} where the op cannot serve the shape (bf16, K % 16 != 0)."""
@@ -195,7 +365,25 @@ def int8_prepare(
         # The op segfaults for M > 1 on a weight that is not 64-byte aligned (tensors read
         # from safetensors files sit at 8-byte offsets); a fresh allocation is aligned.
         qweight = qweight.contiguous().clone()
-    return {"qweight": qweight, "scales": scales.to(act_dtype).contiguous()}
+    prepared: Prepared = {"qweight": qweight, "scales": scales.to(act_dtype).contiguous()}
+    N, K = qweight.shape
+    prepared["dense_from"] = _dense_from(
+        ("int8", K, N, act_dtype), lambda x: _int8_fused(x, prepared),
+        lambda x: _dense_rows(x, _int8_dense_t(prepared), N), K, act_dtype, batch_invariant)
+    return prepared
+
+
+def _int8_fused(x2: Tensor, prepared: Prepared) -> Tensor:
+    return torch.ops.aten._weight_int8pack_mm(x2, prepared["qweight"], prepared["scales"])
+
+
+def _int8_dense_t(prepared: Prepared) -> Tensor:
+    """fp32 W^T [K, N] dequantized into a shared scratch buffer."""
+    qweight, scales = prepared["qweight"], prepared["scales"]
+    N, K = qweight.shape
+    w = _scratch("int8-dense", (N, K), torch.float32)
+    torch.mul(qweight, scales.float()[:, None], out=w)
+    return w.T
 
 
 def int8_linear(x: Tensor, prepared: Prepared, bias: Tensor | None = None) -> Tensor:
@@ -204,8 +392,10 @@ def int8_linear(x: Tensor, prepared: Prepared, bias: Tensor | None = None) -> Te
         return _dense_linear(x, prepared, bias, "int8")
     qweight, scales = prepared["qweight"], prepared["scales"]
     N, K = qweight.shape
-    y = torch.ops.aten._weight_int8pack_mm(_rows(x, K, scales.dtype, "int8"), qweight, scales)
-    return _finish(y, x.shape[:-1], N, bias)
+    x2 = _rows(x, K, scales.dtype, "int8")
+    if path(prepared, x2.shape[0]) == "cpu-dense":
+        return _finish(_dense_rows(x2, _int8_dense_t(prepared), N), x.shape[:-1], N, bias)
+    return _finish(_int8_fused(x2, prepared), x.shape[:-1], N, bias)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ class PrepareFn(Protocol):
         K: int,
         group_size: int | None,
         act_dtype: torch.dtype,
+        batch_invariant: bool = False,
     ) -> Prepared: ...
 
 
@@ -97,7 +98,8 @@ def _need_group(fmt: str, group_size: int | None) -> int:
 
 
 def _ref_prepare(
-    tensors: Mapping[str, Tensor], *, K: int, group_size: int | None, act_dtype: torch.dtype
+    tensors: Mapping[str, Tensor], *, K: int, group_size: int | None, act_dtype: torch.dtype,
+    batch_invariant: bool = False,
 ) -> Prepared:
     """Stores the tensors as they are; act_dtype is unused (the reference returns x's dtype)."""
     prepared: Prepared = dict(tensors)
@@ -122,21 +124,25 @@ def _ref_nf4(x: Tensor, p: Prepared, bias: Tensor | None = None) -> Tensor:
 
 
 def _cpu_int8_prepare(
-    tensors: Mapping[str, Tensor], *, K: int, group_size: int | None, act_dtype: torch.dtype
+    tensors: Mapping[str, Tensor], *, K: int, group_size: int | None, act_dtype: torch.dtype,
+    batch_invariant: bool = False,
 ) -> Prepared:
-    return cpu.int8_prepare(tensors["qweight"], tensors["scales"], act_dtype)
+    return cpu.int8_prepare(tensors["qweight"], tensors["scales"], act_dtype, batch_invariant)
 
 
 def _cpu_int4_prepare(
-    tensors: Mapping[str, Tensor], *, K: int, group_size: int | None, act_dtype: torch.dtype
+    tensors: Mapping[str, Tensor], *, K: int, group_size: int | None, act_dtype: torch.dtype,
+    batch_invariant: bool = False,
 ) -> Prepared:
     g = _need_group("int4", group_size)
     t = tensors
-    return cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], g, K, act_dtype)
+    return cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], g, K, act_dtype,
+                            batch_invariant)
 
 
 def _cpu_nf4_prepare(
-    tensors: Mapping[str, Tensor], *, K: int, group_size: int | None, act_dtype: torch.dtype
+    tensors: Mapping[str, Tensor], *, K: int, group_size: int | None, act_dtype: torch.dtype,
+    batch_invariant: bool = False,
 ) -> Prepared:
     g = _need_group("nf4", group_size)
     return cpu.nf4_prepare(tensors["qweight"], tensors["absmax"], g, K, act_dtype)
@@ -147,7 +153,7 @@ def _cpu_nf4_prepare(
 
 def _triton_prepare(fmt: str) -> PrepareFn:
     def prepare(tensors: Mapping[str, Tensor], *, K: int, group_size: int | None,
-                act_dtype: torch.dtype) -> Prepared:
+                act_dtype: torch.dtype, batch_invariant: bool = False) -> Prepared:
         from kernels.triton import layout, qgemm, tuning
 
         g = _need_group(fmt, group_size) if fmt != "int8" else 0
@@ -160,6 +166,8 @@ def _triton_prepare(fmt: str) -> PrepareFn:
 
         key = tuning.shape_key(fmt, K, N, g, act_dtype)
         plan = tuning.plan_for(key, run, K, act_dtype, device, packed=fmt != "int8")
+        if batch_invariant:  # one launch config for every M: a row never depends on its batch
+            plan = [plan[-1]] * len(plan)
         return {"w": w, "fmt": code, "group_size": g, "K": K, "N": N, "plan": plan}
 
     return prepare
@@ -186,7 +194,7 @@ def path_label(backend: str, prepared: Prepared, M: int) -> str:
 
         return prepared["plan"][tuning.bucket_index(M)].label
     if backend == "cpu":
-        return "cpu-dense" if cpu.is_dense(prepared) else "cpu-fused"
+        return cpu.path(prepared, M)
     return backend
 
 

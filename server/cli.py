@@ -33,7 +33,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rule", "-r", action="append", dest="rules", metavar="REGEX=FORMAT", help=RULE_HELP)
     g.add_argument("--config", "-c", metavar="FILE", help="TOML file (or preset name from configs/) "
                    "with keys model, quant, rules, device, max_model_len, seed, threads, max_num_seqs, "
-                   "max_num_batched_tokens, block_size, kv_cache_memory; flags override it")
+                   "max_num_batched_tokens, block_size, kv_cache_memory, batch_invariant; flags override it")
     g.add_argument("--device", help="cpu or cuda[:N] (default: cpu)")
     g.add_argument("--max-model-len", type=int, help="context length to reserve KV cache for "
                    "(default: the model's, at most 8192)")

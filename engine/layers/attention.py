@@ -3,8 +3,11 @@
 The model sees all sequences of a step concatenated into T rows; AttentionBatch says which
 rows belong to which sequence and which cache slots hold each one's keys and values. The cache
 is a pool of fixed-size blocks (engine/block_manager.py hands them out): slot s of layer l is
-row s of k[l] / v[l], and a sequence's block table lists its blocks in order, so token i of a
-sequence sits in slot table[i // block_size] * block_size + i % block_size.
+k[l][:, s] / v[l][:, s] (one row per kv head), and a sequence's block table lists its blocks in
+order, so token i of a sequence sits in slot table[i // block_size] * block_size + i % block_size.
+Heads come first so that gathering a sequence's slots gives the contiguous [kv_heads, ctx,
+head_dim] SDPA wants: with slot-major storage the gathered keys are a transposed view, and
+SDPA on that took 3.6x as long (16 decode sequences, 2-core AVX2 CPU).
 
 Per layer, every new row's key and value is written first, then attention reads: a sequence
 may read blocks another sequence of the same step has just written (a shared prompt prefix).
@@ -30,11 +33,11 @@ def kv_dtype(act_dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 class KVCache:
-    """Keys and values per layer: [num_blocks * block_size, kv_heads, head_dim]."""
+    """Keys and values per layer: [kv_heads, num_blocks * block_size, head_dim]."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        shape = (num_kv_heads, num_blocks * block_size, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -70,14 +73,17 @@ class AttentionBatch:
     """Per-sequence layout of one forward pass (sequences in row order).
 
     query_lens[i] rows of sequence i are in this forward and are the last rows of its
-    context_lens[i] tokens; write_slots [T] is where each row's key and value go; read_slots[i]
-    [context_lens[i]] is where sequence i's whole context is.
+    context_lens[i] tokens; write_slots [T] is where each row's key and value go. kv_index
+    lists, sequence after sequence, the rows of a layer's cache viewed as [kv_heads * slots,
+    head_dim] that hold each sequence's whole context, head by head: one index_select per layer
+    gathers every sequence's keys as contiguous [kv_heads, ctx, head_dim] pieces (one gather per
+    sequence cost 22 us each, as much as its attention call).
     """
 
     query_lens: list[int]
     context_lens: list[int]
     write_slots: Tensor
-    read_slots: list[Tensor]
+    kv_index: Tensor
     cache: KVCache
     decode: DecodeRows | None = None
 
@@ -93,6 +99,9 @@ class AttentionBatch:
         reads = [cache.slots(t, 0, c) for t, c in zip(block_tables, context_lens, strict=True)]
         writes = torch.cat([r[c - q:] for r, q, c in zip(reads, query_lens, context_lens,
                                                           strict=True)])
+        kv_heads, num_slots = cache.k[0].shape[:2]
+        heads = torch.arange(kv_heads)[:, None] * num_slots
+        kv_index = torch.cat([(heads + r).reshape(-1) for r in reads])
         decode = None
         one_row = [i for i, q in enumerate(query_lens) if q == 1]
         if decode_kernel and one_row:
@@ -102,8 +111,8 @@ class AttentionBatch:
                                    for i in one_row], dtype=torch.int32)
             lens = torch.tensor([context_lens[i] for i in one_row], dtype=torch.int32)
             decode = DecodeRows(one_row, rows.to(device), tables.to(device), lens.to(device))
-        return cls(list(query_lens), list(context_lens), writes.to(device),
-                   [r.to(device) for r in reads], cache, decode)
+        return cls(list(query_lens), list(context_lens), writes.to(device), kv_index.to(device),
+                   cache, decode)
 
     @classmethod
     def single(cls, query_len: int, context_len: int, cache: KVCache) -> AttentionBatch:
@@ -126,8 +135,8 @@ def paged_attention(layer: int, q: Tensor, k: Tensor, v: Tensor, batch: Attentio
                     scale: float) -> Tensor:
     """q [T, H, D], k/v [T, Hkv, D] -> [T, H*D]; writes k/v into the cache first."""
     kc, vc = batch.cache.k[layer], batch.cache.v[layer]
-    kc.index_copy_(0, batch.write_slots, k.to(kc.dtype))
-    vc.index_copy_(0, batch.write_slots, v.to(vc.dtype))
+    kc.index_copy_(1, batch.write_slots, k.transpose(0, 1).to(kc.dtype))
+    vc.index_copy_(1, batch.write_slots, v.transpose(0, 1).to(vc.dtype))
     q = q.to(kc.dtype)
     if batch.decode is not None:
         return _with_decode_kernel(q, kc, vc, batch, scale).to(k.dtype)
@@ -135,27 +144,58 @@ def paged_attention(layer: int, q: Tensor, k: Tensor, v: Tensor, batch: Attentio
     # bitwise the same whatever else is in the batch (a padded, masked batch call measured
     # 10-20% faster at 16 sequences but sums softmax over the padded width: last-bit
     # differences that flipped near-tie greedy tokens against the same request run alone).
-    outs = [_sdpa(q[start:start + qlen], kc, vc, slots, ctx, scale)
-            for start, qlen, ctx, slots in _spans(batch)]
+    contexts = _Contexts(kc, vc, batch)
+    outs = [_sdpa(q[start:start + qlen], *contexts.get(i, ctx), scale)
+            for i, (start, qlen, ctx) in enumerate(_spans(batch))]
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
     return out.to(k.dtype)
 
 
 def _spans(batch: AttentionBatch):
-    """(first row, query rows, context length, read slots) per sequence, in row order."""
+    """(first row, query rows, context length) per sequence, in row order."""
     start = 0
-    for qlen, ctx, slots in zip(batch.query_lens, batch.context_lens, batch.read_slots,
-                                strict=True):
-        yield start, qlen, ctx, slots
+    for qlen, ctx in zip(batch.query_lens, batch.context_lens, strict=True):
+        yield start, qlen, ctx
         start += qlen
 
 
-def _sdpa(q: Tensor, kc: Tensor, vc: Tensor, slots: Tensor, ctx: int, scale: float) -> Tensor:
-    """One sequence: q [qlen, H, D], its last qlen rows of ctx -> [qlen, H*D]."""
-    qlen = q.shape[0]
+# Gathered contexts of one layer larger than this are gathered sequence by sequence instead.
+_GATHER_ONCE_MAX_BYTES = 64 << 20
+
+
+class _Contexts:
+    """Each sequence's keys and values as contiguous [1, Hkv, ctx, D], from one index_select
+    per layer (or one per sequence where the whole batch's would be large)."""
+
+    def __init__(self, kc: Tensor, vc: Tensor, batch: AttentionBatch, once: bool = True):
+        self.kv_heads, _, self.head_dim = kc.shape
+        self.kc, self.vc = kc.view(-1, self.head_dim), vc.view(-1, self.head_dim)
+        self.index = batch.kv_index
+        self.offsets = [0]
+        for ctx in batch.context_lens:
+            self.offsets.append(self.offsets[-1] + self.kv_heads * ctx)
+        self.keys = self.values = None
+        nbytes = self.index.numel() * self.head_dim * kc.element_size()
+        if once and nbytes <= _GATHER_ONCE_MAX_BYTES:
+            self.keys = self.kc.index_select(0, self.index)
+            self.values = self.vc.index_select(0, self.index)
+
+    def get(self, i: int, ctx: int) -> tuple[Tensor, Tensor]:
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        if self.keys is not None:
+            keys, values = self.keys[lo:hi], self.values[lo:hi]
+        else:
+            idx = self.index[lo:hi]
+            keys, values = self.kc.index_select(0, idx), self.vc.index_select(0, idx)
+        shape = (1, self.kv_heads, ctx, self.head_dim)
+        return keys.view(shape), values.view(shape)
+
+
+def _sdpa(q: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
+    """One sequence: q [qlen, H, D] (the last qlen rows of its context), keys and values
+    [1, Hkv, ctx, D] -> [qlen, H*D]."""
+    qlen, ctx = q.shape[0], keys.shape[2]
     qs = q.transpose(0, 1).unsqueeze(0)  # [1, H, qlen, D]
-    keys = kc[slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
-    values = vc[slots].transpose(0, 1).unsqueeze(0)
     causal = qlen == ctx and qlen > 1
     mask = None if causal else _mask(qlen, ctx, q.device)
     o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, is_causal=causal,
@@ -170,10 +210,14 @@ def _with_decode_kernel(q: Tensor, kc: Tensor, vc: Tensor, batch: AttentionBatch
 
     d = batch.decode
     out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
-    o = paged_decode_attention(q[d.rows], kc, vc, d.tables, d.lens, batch.cache.block_size, scale)
+    # the kernel takes [slots, Hkv, D] by strides: a transposed view, no copy
+    o = paged_decode_attention(q[d.rows], kc.transpose(0, 1), vc.transpose(0, 1), d.tables,
+                               d.lens, batch.cache.block_size, scale)
     out[d.rows] = o.reshape(len(d.seqs), -1)
     decoded = set(d.seqs)
-    for i, (start, qlen, ctx, slots) in enumerate(_spans(batch)):
-        if i not in decoded:
-            out[start:start + qlen] = _sdpa(q[start:start + qlen], kc, vc, slots, ctx, scale)
+    rest = [(i, span) for i, span in enumerate(_spans(batch)) if i not in decoded]
+    if rest:
+        contexts = _Contexts(kc, vc, batch, once=False)  # not the decoded sequences' too
+        for i, (start, qlen, ctx) in rest:
+            out[start:start + qlen] = _sdpa(q[start:start + qlen], *contexts.get(i, ctx), scale)
     return out

@@ -66,8 +66,8 @@ class QuantLinear(nn.Module):
     def loaded(self) -> bool:
         return bool(self.method.stored_bytes) and (self.bias is not None or not self.has_bias)
 
-    def prepare(self, device: torch.device) -> None:
-        self.method.prepare(device)
+    def prepare(self, device: torch.device, batch_invariant: bool = False) -> None:
+        self.method.prepare(device, batch_invariant)
         if self.bias is not None:
             self.bias = self.bias.to(device)
 

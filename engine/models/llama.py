@@ -113,15 +113,16 @@ class LlamaModel(nn.Module):
     def quant_linears(self) -> dict[str, QuantLinear]:
         return {n: m for n, m in self.named_modules() if isinstance(m, QuantLinear)}
 
-    def prepare(self, device: torch.device) -> None:
+    def prepare(self, device: torch.device, batch_invariant: bool = False) -> None:
         """Moves the model to ``device`` and repacks every quantized weight for its kernels;
         once, after loading. A tied 16-bit lm_head keeps sharing the embedding's storage."""
         tied = self.lm_head_shares_embedding()
         self.to(device)  # parameters: embeddings and norms
         if tied:
             self.lm_head.method.stored = {"weight": self.embed_tokens.weight.data}
+            self.lm_head.method.shared = True
         for m in self.quant_linears().values():
-            m.prepare(device)
+            m.prepare(device, batch_invariant)
         self.rotary.cos, self.rotary.sin = self.rotary.cos.to(device), self.rotary.sin.to(device)
 
     def lm_head_shares_embedding(self) -> bool:

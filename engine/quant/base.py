@@ -22,7 +22,9 @@ class QuantMethod(Protocol):
 
     def quantize(self, w: Tensor) -> dict[str, Tensor]: ...  # [N, K] float -> stored tensors
     def load(self, tensors: dict[str, Tensor]) -> None: ...  # stored tensors from quantize or a file
-    def prepare(self, device: torch.device) -> None: ...  # repack once for the kernel in use
+    # repack once for the kernel in use; batch_invariant: a row's result must not depend on
+    # how many rows share the call (one kernel path for every batch size)
+    def prepare(self, device: torch.device, batch_invariant: bool = False) -> None: ...
     def apply(self, x: Tensor, bias: Tensor | None) -> Tensor: ...  # [..., K] -> [..., N]
     def dequantize(self) -> Tensor: ...  # [N, K] float32, before prepare()
 
@@ -88,14 +90,14 @@ class PackedMethod(StoredMethod):
     """A low-bit format computed by kernels/: prepare repacks through the dispatcher once,
     apply only launches the chosen kernel."""
 
-    def prepare(self, device: torch.device) -> None:
+    def prepare(self, device: torch.device, batch_invariant: bool = False) -> None:
         from kernels import dispatch
 
         self._backend = dispatch.backend_for(device)
         prepare_fn, self._linear = dispatch.get_kernels(self.name, self._backend)
         tensors = {k: v.to(device) for k, v in self.stored.items()}
         self._prepared = prepare_fn(tensors, K=self.in_features, group_size=self.spec.group_size,
-                                    act_dtype=self.act_dtype)
+                                    act_dtype=self.act_dtype, batch_invariant=batch_invariant)
         self.stored = {}  # the kernel layout replaces them; no second copy stays in memory
 
     def apply(self, x: Tensor, bias: Tensor | None) -> Tensor:

@@ -24,11 +24,28 @@ class FloatMethod(StoredMethod):
     def quantize(self, w: Tensor) -> dict[str, Tensor]:
         return {"weight": w.to(FLOAT_FORMATS[self.spec.method]).contiguous()}
 
-    def prepare(self, device: torch.device) -> None:
+    shared = False  # the weight is another module's storage too (a tied lm_head): keep it
+
+    def prepare(self, device: torch.device, batch_invariant: bool = False) -> None:
+        from kernels import cpu
+
         self.weight = self.stored["weight"].to(device)
         self.stored = {"weight": self.weight}
+        # on CPUs where it measures faster: fbgemm's fp16 GEMM, which packs its own copy; the
+        # 16-bit weight is then let go unless another module shares it
+        self._fp16_gemm = cpu.fp16_gemm_prepare(self.weight, batch_invariant)
+        self.extra_bytes = 0
+        if self._fp16_gemm is not None:
+            if self.shared:
+                self.extra_bytes = self.weight.numel() * 2
+            else:
+                self.weight, self.stored = None, {}
 
     def apply(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        if self._fp16_gemm is not None:
+            from kernels import cpu
+
+            return cpu.fp16_gemm(x, self._fp16_gemm, bias)
         return F.linear(x, self.weight, bias)
 
     def dequantize(self) -> Tensor:

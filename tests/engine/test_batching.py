@@ -32,7 +32,10 @@ def _alone(quant: str) -> list[list[int]]:
 
 @functools.cache
 def _llm(quant: str, **options) -> LLM:
-    return LLM("smollm2-135m", quant=quant, progress=False, max_model_len=256, **options)
+    """batch_invariant: one kernel path for every batch size, so outputs can be compared
+    token for token (by default a 512-row prefill chunk takes the dense path)."""
+    return LLM("smollm2-135m", quant=quant, progress=False, max_model_len=256,
+               batch_invariant=True, **options)
 
 
 def test_batch_of_16_matches_each_request_alone():
@@ -210,3 +213,34 @@ def test_stop_strings_across_token_boundaries_in_a_batch():
             assert stops[i] not in out.text
         else:
             assert out.finish_reason == "length" and out.text == full
+
+
+def test_default_dispatch_sends_long_prefills_through_the_dense_path(monkeypatch):
+    """Without batch_invariant, prepare measures where dequantize + fp32 GEMM beats the fused
+    int4 op (here a scripted clock says: from 64 rows); a long prompt then runs dense and its
+    logits match the fused path's within rounding."""
+    from kernels import cpu
+
+    monkeypatch.delenv("NIBBLE_TUNE", raising=False)
+    monkeypatch.setattr(cpu, "_DENSE_FROM", {})
+    dense_calls = []
+    real_dense = cpu._dense_rows
+    monkeypatch.setattr(cpu, "_dense_rows", lambda *a: dense_calls.append(1) or real_dense(*a))
+
+    def clock(fn, x, reps=3):
+        dense_calls.clear()
+        fn(x)
+        return 1.0 if bool(dense_calls) == (x.shape[0] >= 64) else 2.0
+
+    monkeypatch.setattr(cpu, "_median_seconds", clock)
+    adaptive = LLM("smollm2-135m", quant="int4", progress=False, max_model_len=256)
+    layer = adaptive.model.quant_linears()["layers.0.mlp.down_proj"]
+    assert [layer.method.kernel_path(m) for m in (1, 63, 64, 512)] == \
+        ["cpu-fused", "cpu-fused", "cpu-dense", "cpu-dense"]
+    ids = [t for p in _prompts(adaptive)[:6] for t in p][:200]
+    dense_calls.clear()
+    got = adaptive.score(ids)
+    assert dense_calls
+    want = _llm("int4").score(ids)
+    assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() > 0.95

@@ -150,3 +150,70 @@ def test_int8_misaligned_weight_is_served():
     x = torch.randn(5, 576, dtype=torch.bfloat16)
     ref = R.int8_linear(x.float(), q, s)
     assert (cpu.int8_linear(x, prepared).float() - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+# --- batch-size dispatch: dequantize per call + fp32 GEMM for large M ----------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt,N,K,g", [("int4", 960, 576, 64), ("int4", 64, 1536, 128),
+                                       ("int4", 96, 192, 32), ("int8", 200, 576, 0)])
+def test_dense_path_matches_reference(fmt, N, K, g, dtype):
+    t = quantize(fmt, weights(N, K, N + K), g)
+    prepare, linear = dispatch.get_kernels(fmt, "cpu")
+    prepared = prepare(t, K=K, group_size=g, act_dtype=dtype)
+    assert prepared["dense_from"] is None  # NIBBLE_TUNE=0: nothing measured, fused only
+    prepared["dense_from"] = 3
+    A = magnitude(fmt, t, K, g)
+    x_all = torch.randn(64, K, generator=torch.Generator().manual_seed(N)).to(dtype)
+    for M in MS:
+        assert dispatch.path_label("cpu", prepared, M) == ("cpu-fused" if M < 3 else "cpu-dense")
+        x = x_all[:M]
+        y = linear(x, prepared)
+        assert y.dtype == dtype and y.shape == (M, N)
+        assert_within_bound(y, reference(fmt, x, t, g), x, A)
+
+
+def test_int4_packed_layout_decodes_to_the_codes():
+    t = quantize("int4", weights(96, 256, 5), 64)
+    prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256)
+    codes = R.unpack_nibbles(t["qweight"], 256).to(torch.int32)
+    assert torch.equal(cpu._int4_codes_t(prepared["packed"]), codes.T)
+
+
+def test_dense_crossover_is_measured_once_per_shape(monkeypatch, caplog):
+    """A scripted clock: dense is faster from M=128 up, so calls of 128 rows and more take it;
+    batch_invariant and NIBBLE_TUNE=0 keep the fused op."""
+    monkeypatch.delenv("NIBBLE_TUNE")
+    monkeypatch.setattr(cpu, "_DENSE_FROM", {})
+    timed, dense_calls = [], []
+    real_dense = cpu._dense_rows
+    monkeypatch.setattr(cpu, "_dense_rows", lambda *a: dense_calls.append(1) or real_dense(*a))
+
+    def clock(fn, x, reps=3):
+        dense_calls.clear()
+        fn(x)
+        dense = bool(dense_calls)
+        timed.append((x.shape[0], dense))
+        return (1.0 if x.shape[0] >= 128 else 3.0) if dense else 2.0
+
+    monkeypatch.setattr(cpu, "_median_seconds", clock)
+    t = quantize("int4", weights(64, 256, 1), 64)
+    with caplog.at_level("INFO", logger="nibble.kernels"):
+        prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256)
+    assert prepared["dense_from"] == 128
+    # largest first, stopping at the first M where the fused op wins
+    assert timed == [(512, True), (512, False), (256, True), (256, False), (128, True),
+                     (128, False), (64, True), (64, False)]
+    assert "dequantize + fp32 GEMM from M 128" in caplog.text
+    assert [cpu.path(prepared, m) for m in (1, 127, 128, 512)] == \
+        ["cpu-fused", "cpu-fused", "cpu-dense", "cpu-dense"]
+    timed.clear()
+    again = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256)
+    assert again["dense_from"] == 128 and not timed  # same shape: not measured again
+    pinned = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256,
+                              batch_invariant=True)
+    assert pinned["dense_from"] is None
+    monkeypatch.setenv("NIBBLE_TUNE", "0")
+    assert cpu.int8_prepare(t["qweight"].view(torch.int8)[:, :128].contiguous(),
+                            torch.ones(64))["dense_from"] is None
