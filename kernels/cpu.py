@@ -409,15 +409,27 @@ def nf4_prepare(
     group_size: int,
     K: int,
     act_dtype: torch.dtype = torch.bfloat16,
+    batch_invariant: bool = False,
 ) -> Prepared:
-    """qweight uint8 [N, ceil(K/2)], absmax float32 [N, G] -> {"weight": [N, K] act_dtype}.
+    """qweight uint8 [N, ceil(K/2)], absmax float32 [N, G] -> {"weight": [N, K] act_dtype},
+    or {"fp16_gemm": packed, ...} in its place where fbgemm's fp16 GEMM measures faster (see
+    fp16_gemm_prepare; the same 16 bits per weight).
 
     Dequantized in float32 and rounded once, so weights differ from the reference by at most
-    half an ulp of act_dtype.
+    half an ulp of act_dtype (fp16's where the fp16 GEMM serves).
     """
-    return _dense(reference.dequantize_nf4(qweight, absmax, group_size, K), act_dtype)
+    prepared = _dense(reference.dequantize_nf4(qweight, absmax, group_size, K), act_dtype)
+    packed = fp16_gemm_prepare(prepared["weight"], batch_invariant)
+    if packed is not None:
+        N = prepared["weight"].shape[0]
+        return {"weight": None, "fp16_gemm": packed, "N": N, "K": K}
+    return prepared
 
 
 def nf4_linear(x: Tensor, prepared: Prepared, bias: Tensor | None = None) -> Tensor:
     """x [..., K] act_dtype -> [..., N] act_dtype."""
+    if prepared.get("fp16_gemm") is not None:
+        if x.shape[-1] != prepared["K"]:
+            raise ValueError(f"nf4 linear expects x[..., {prepared['K']}], got {tuple(x.shape)}")
+        return fp16_gemm(x, prepared["fp16_gemm"], bias)
     return _dense_linear(x, prepared, bias, "nf4")

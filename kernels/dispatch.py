@@ -145,7 +145,8 @@ def _cpu_nf4_prepare(
     batch_invariant: bool = False,
 ) -> Prepared:
     g = _need_group("nf4", group_size)
-    return cpu.nf4_prepare(tensors["qweight"], tensors["absmax"], g, K, act_dtype)
+    return cpu.nf4_prepare(tensors["qweight"], tensors["absmax"], g, K, act_dtype,
+                           batch_invariant)
 
 
 # --- triton backend: repack once, tune per batch-size bucket, pick the path per call -----------

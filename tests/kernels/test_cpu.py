@@ -217,3 +217,56 @@ def test_dense_crossover_is_measured_once_per_shape(monkeypatch, caplog):
     monkeypatch.setenv("NIBBLE_TUNE", "0")
     assert cpu.int8_prepare(t["qweight"].view(torch.int8)[:, :128].contiguous(),
                             torch.ones(64))["dense_from"] is None
+
+
+def _fp16_gemm_wins(monkeypatch):
+    """A scripted clock on which fbgemm's fp16 GEMM is twice as fast as F.linear."""
+    monkeypatch.delenv("NIBBLE_TUNE")
+    monkeypatch.setattr(cpu, "_DENSE_FROM", {})
+    calls = []
+    real = cpu.fp16_gemm
+    monkeypatch.setattr(cpu, "fp16_gemm", lambda *a: calls.append(1) or real(*a))
+
+    def clock(fn, x, reps=3):
+        calls.clear()
+        fn(x)
+        return 1.0 if calls else 2.0
+
+    monkeypatch.setattr(cpu, "_median_seconds", clock)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nf4_through_the_fp16_gemm_matches_reference(monkeypatch, dtype):
+    _fp16_gemm_wins(monkeypatch)
+    prepared = _check("nf4", 200, 576, 64, dtype, seed=3)
+    if dtype == torch.float32:  # fp32 weights stay with F.linear (fp16 would round them)
+        assert "fp16_gemm" not in prepared
+        return
+    assert prepared["fp16_gemm"] is not None and prepared["weight"] is None
+    pinned = cpu.nf4_prepare(*[quantize("nf4", weights(200, 576, 3), 64)[k]
+                               for k in ("qweight", "absmax")], 64, 576, dtype,
+                             batch_invariant=True)
+    assert pinned["weight"] is not None and "fp16_gemm" not in pinned
+
+
+def test_bf16_layers_take_the_fp16_gemm_where_it_wins(monkeypatch):
+    """engine/quant/fp.py: an untied 16-bit layer lets its weight go for the packed copy; a
+    tied lm_head keeps the shared weight and counts the copy as extra bytes."""
+    from engine.config import QuantSpec
+    from engine.quant.fp import FloatMethod
+
+    _fp16_gemm_wins(monkeypatch)
+    w = weights(96, 192, 4).to(torch.bfloat16)
+    x = torch.randn(5, 192).to(torch.bfloat16)
+    want = x.float() @ w.float().T
+    for shared in (False, True):
+        m = FloatMethod(QuantSpec("bf16"), 192, 96, torch.bfloat16)
+        m.load({"weight": w})
+        m.shared = shared
+        m.prepare(torch.device("cpu"))
+        assert m._fp16_gemm is not None
+        assert (m.weight is not None) is shared
+        assert m.extra_bytes == (96 * 192 * 2 if shared else 0)
+        y = m.apply(x, None)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), want, rtol=2**-7, atol=1e-3)
