@@ -219,20 +219,9 @@ def test_default_dispatch_sends_long_prefills_through_the_dense_path(monkeypatch
     """Without batch_invariant, prepare measures where dequantize + fp32 GEMM beats the fused
     int4 op (here a scripted clock says: from 64 rows); a long prompt then runs dense and its
     logits match the fused path's within rounding."""
-    from kernels import cpu
+    from tests.kernels.cases import script_cpu_clock
 
-    monkeypatch.delenv("NIBBLE_TUNE", raising=False)
-    monkeypatch.setattr(cpu, "_DENSE_FROM", {})
-    dense_calls = []
-    real_dense = cpu._dense_rows
-    monkeypatch.setattr(cpu, "_dense_rows", lambda *a: dense_calls.append(1) or real_dense(*a))
-
-    def clock(fn, x, reps=3):
-        dense_calls.clear()
-        fn(x)
-        return 1.0 if bool(dense_calls) == (x.shape[0] >= 64) else 2.0
-
-    monkeypatch.setattr(cpu, "_median_seconds", clock)
+    _, dense_calls = script_cpu_clock(monkeypatch, "_dense_rows", lambda M: M >= 64)
     adaptive = LLM("smollm2-135m", quant="int4", progress=False, max_model_len=256)
     layer = adaptive.model.quant_linears()["layers.0.mlp.down_proj"]
     assert [layer.method.kernel_path(m) for m in (1, 63, 64, 512)] == \

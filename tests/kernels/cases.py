@@ -65,3 +65,26 @@ def assert_within_bound(y, y_ref, x, A, bias=None, roundings: int = 2):
     err = (y.float().reshape(xa.shape) - y_ref).abs()
     worst = (err / tol).max().item()
     assert worst <= 1.0, f"error exceeds the rounding bound by {worst:.2f}x"
+
+
+def script_cpu_clock(monkeypatch, through: str, wins) -> tuple[list, list]:
+    """Makes kernels.cpu's load-time timings scripted: a timed call that goes through
+    cpu.<through> takes 1 s where wins(M) and 2 s elsewhere, any other call the opposite.
+    Returns (every (M, went through) timed, calls through it since the last timing)."""
+    from kernels import cpu
+
+    monkeypatch.delenv("NIBBLE_TUNE", raising=False)
+    monkeypatch.setattr(cpu, "_DENSE_FROM", {})
+    calls, timed = [], []
+    real = getattr(cpu, through)
+    monkeypatch.setattr(cpu, through, lambda *a: calls.append(1) or real(*a))
+
+    def clock(fn, x, reps=3):
+        calls.clear()
+        fn(x)
+        went = bool(calls)
+        timed.append((x.shape[0], went))
+        return 1.0 if went == wins(x.shape[0]) else 2.0
+
+    monkeypatch.setattr(cpu, "_median_seconds", clock)
+    return timed, calls

@@ -10,7 +10,14 @@ import torch
 
 from kernels import cpu, dispatch
 from kernels import reference as R
-from tests.kernels.cases import assert_within_bound, magnitude, quantize, reference, weights
+from tests.kernels.cases import (
+    assert_within_bound,
+    magnitude,
+    quantize,
+    reference,
+    script_cpu_clock,
+    weights,
+)
 
 DTYPES = [torch.bfloat16, torch.float32]
 MS = [1, 3, 17, 64]
@@ -184,20 +191,7 @@ def test_int4_packed_layout_decodes_to_the_codes():
 def test_dense_crossover_is_measured_once_per_shape(monkeypatch, caplog):
     """A scripted clock: dense is faster from M=128 up, so calls of 128 rows and more take it;
     batch_invariant and NIBBLE_TUNE=0 keep the fused op."""
-    monkeypatch.delenv("NIBBLE_TUNE")
-    monkeypatch.setattr(cpu, "_DENSE_FROM", {})
-    timed, dense_calls = [], []
-    real_dense = cpu._dense_rows
-    monkeypatch.setattr(cpu, "_dense_rows", lambda *a: dense_calls.append(1) or real_dense(*a))
-
-    def clock(fn, x, reps=3):
-        dense_calls.clear()
-        fn(x)
-        dense = bool(dense_calls)
-        timed.append((x.shape[0], dense))
-        return (1.0 if x.shape[0] >= 128 else 3.0) if dense else 2.0
-
-    monkeypatch.setattr(cpu, "_median_seconds", clock)
+    timed, _ = script_cpu_clock(monkeypatch, "_dense_rows", lambda M: M >= 128)
     t = quantize("int4", weights(64, 256, 1), 64)
     with caplog.at_level("INFO", logger="nibble.kernels"):
         prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256)
@@ -220,19 +214,8 @@ def test_dense_crossover_is_measured_once_per_shape(monkeypatch, caplog):
 
 
 def _fp16_gemm_wins(monkeypatch):
-    """A scripted clock on which fbgemm's fp16 GEMM is twice as fast as F.linear."""
-    monkeypatch.delenv("NIBBLE_TUNE")
-    monkeypatch.setattr(cpu, "_DENSE_FROM", {})
-    calls = []
-    real = cpu.fp16_gemm
-    monkeypatch.setattr(cpu, "fp16_gemm", lambda *a: calls.append(1) or real(*a))
-
-    def clock(fn, x, reps=3):
-        calls.clear()
-        fn(x)
-        return 1.0 if calls else 2.0
-
-    monkeypatch.setattr(cpu, "_median_seconds", clock)
+    """A scripted clock on which fbgemm's fp16 GEMM beats F.linear."""
+    script_cpu_clock(monkeypatch, "fp16_gemm", lambda M: True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
