@@ -50,12 +50,15 @@ class Request:
 
     seqs: list[Sequence]
     n: int
-    children_added: bool = False
     stepped: set[int] = field(default_factory=set)  # indices that produced a token this step
 
     @property
+    def forked(self) -> bool:
+        return len(self.seqs) == self.n
+
+    @property
     def finished(self) -> bool:
-        return len(self.seqs) == self.n and all(s.finished for s in self.seqs)
+        return self.forked and all(s.finished for s in self.seqs)
 
     def output(self) -> RequestOutput:
         first = self.seqs[0]
@@ -108,9 +111,7 @@ class LLMEngine:
         children = [self._sequence(first.request_id, first.prompt, first.prompt_token_ids,
                                    params, first.max_tokens, i) for i in range(1, req.n)]
         req.seqs += children
-        req.children_added = True
-        for child in reversed(children):
-            self.scheduler.waiting.appendleft(child)
+        self.scheduler.add_first(children)
 
     def _check_length(self, prompt_len: int, params: SamplingParams) -> int:
         limit = min(self.runner.max_model_len, self.blocks.num_blocks * self.blocks.block_size)
@@ -143,7 +144,7 @@ class LLMEngine:
             stepped[seq.request_id] = req
             if seq.finished:
                 self.scheduler.finish(seq)
-            if not req.children_added and req.n > 1:
+            if not req.forked:
                 self._add_children(req)
         outputs = [req.output() for req in stepped.values()]
         for out in outputs:

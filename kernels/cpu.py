@@ -167,27 +167,38 @@ def _median_seconds(fn: Callable[[Tensor], Tensor], x: Tensor, reps: int = 3) ->
     return statistics.median(times)
 
 
-_DENSE_FROM: dict[tuple, int | None] = {}
+# What load-time timing decided, per layer shape, dtype and thread count: measured once.
+_MEASURED: dict[tuple, int | None] = {}
+
+
+def _timing_off(batch_invariant: bool) -> bool:
+    """Nothing is timed (and the batch-size-independent path kept) with batch_invariant or
+    NIBBLE_TUNE=0."""
+    return batch_invariant or os.environ.get("NIBBLE_TUNE") == "0"
+
+
+def _describe(key: tuple) -> str:
+    return "x".join(str(k).removeprefix("torch.") for k in key)
 
 
 def _dense_from(key: tuple, fused: Callable[[Tensor], Tensor], dense: Callable[[Tensor], Tensor],
                 K: int, act_dtype: torch.dtype, batch_invariant: bool) -> int | None:
     """The smallest probed M from which dense beats fused (at it and every larger probe), or
-    None: measured once per key and thread count; never with batch_invariant or NIBBLE_TUNE=0."""
-    if batch_invariant or os.environ.get("NIBBLE_TUNE") == "0":
+    None (also when timing is off)."""
+    if _timing_off(batch_invariant):
         return None
     key = (*key, torch.get_num_threads())
-    if key not in _DENSE_FROM:
+    if key not in _MEASURED:
         start = None
         for M in reversed(DENSE_PROBE_M):
             x = torch.randn(M, K).to(act_dtype)
             if _median_seconds(dense, x) >= _median_seconds(fused, x):
                 break
             start = M
-        _DENSE_FROM[key] = start
+        _MEASURED[key] = start
         where = f"dequantize + fp32 GEMM from M {start}" if start else "fused at every M"
-        log.info("cpu dispatch %s: %s", "x".join(map(str, key[:-1])), where)
-    return _DENSE_FROM[key]
+        log.info("cpu dispatch %s: %s", _describe(key[:-1]), where)
+    return _MEASURED[key]
 
 
 def fp16_gemm_prepare(weight: Tensor, batch_invariant: bool = False) -> Any | None:
@@ -198,27 +209,24 @@ def fp16_gemm_prepare(weight: Tensor, batch_invariant: bool = False) -> Any | No
     at M = 1, 49 ms at M = 16, against 2.3 and 9.1 ms for fbgemm fp16). The packed copy is
     extra memory (the 16-bit weight stays: a tied lm_head shares it with the embedding).
     fbgemm's rows are not bitwise independent of the batch: never with batch_invariant."""
-    if batch_invariant or os.environ.get("NIBBLE_TUNE") == "0" or weight.device.type != "cpu":
-        return None
-    if weight.dtype not in (torch.bfloat16, torch.float16):
+    if _timing_off(batch_invariant) or weight.device.type != "cpu" \
+            or weight.dtype not in (torch.bfloat16, torch.float16):
         return None
     N, K = weight.shape
     key = ("fp16-gemm", K, N, weight.dtype, torch.get_num_threads())
-    if key not in _DENSE_FROM:
-        packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
+    if _MEASURED.get(key, 1) is None:  # measured before: F.linear wins
+        return None
+    packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
+    if key not in _MEASURED:
         gains = []
         for M in (1, 16):
             x = torch.randn(M, K).to(weight.dtype)
             gains.append(_median_seconds(lambda x: F.linear(x, weight), x, reps=5)
                          / _median_seconds(lambda x: fp16_gemm(x, packed), x, reps=5))
-        _DENSE_FROM[key] = 1 if gains[0] >= 0.9 and gains[1] >= 1.25 else None
-        log.info("cpu dispatch %dx%d %s: %s (%.1fx at 1 row, %.1fx at 16)", K, N,
-                 str(weight.dtype).removeprefix("torch."),
-                 "fbgemm fp16 GEMM" if _DENSE_FROM[key] else "F.linear", *gains)
-        return packed if _DENSE_FROM[key] else None
-    if _DENSE_FROM[key] is None:
-        return None
-    return torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
+        _MEASURED[key] = 1 if gains[0] >= 0.9 and gains[1] >= 1.25 else None
+        log.info("cpu dispatch %s: %s (%.1fx at 1 row, %.1fx at 16)", _describe(key[1:-1]),
+                 "fbgemm fp16 GEMM" if _MEASURED[key] else "F.linear", *gains)
+    return packed if _MEASURED[key] else None
 
 
 def fp16_gemm(x: Tensor, packed: Any, bias: Tensor | None = None) -> Tensor:

@@ -74,7 +74,7 @@ def script_cpu_clock(monkeypatch, through: str, wins) -> tuple[list, list]:
     from kernels import cpu
 
     monkeypatch.delenv("NIBBLE_TUNE", raising=False)
-    monkeypatch.setattr(cpu, "_DENSE_FROM", {})
+    monkeypatch.setattr(cpu, "_MEASURED", {})
     calls, timed = [], []
     real = getattr(cpu, through)
     monkeypatch.setattr(cpu, through, lambda *a: calls.append(1) or real(*a))
