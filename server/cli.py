@@ -1,9 +1,10 @@
-"""The `nibble` command line: generate, chat, quantize, inspect."""
+"""The `nibble` command line: serve, generate, chat, quantize, inspect."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tomllib
 from importlib import resources
@@ -93,7 +94,52 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--json", action="store_true", help="machine-readable output")
     insp.add_argument("--all", action="store_true", help="list every module, not one line per distinct pattern")
     _model_args(insp)
+    _serve_parser(sub)
     return parser
+
+
+SERVE_DESCRIPTION = """\
+Serve the OpenAI API (POST /v1/completions, /v1/chat/completions, /tokenize, /detokenize;
+GET /v1/models, /health, /metrics) on HOST:PORT. The server listens at once; /health answers
+503 while the model loads, 200 when ready. With --variants it loads several variants of one
+model into one process and serves them as MODEL:VARIANT (the bare name is the first), for
+A/B comparisons. SIGTERM or Ctrl-C drains: /health turns 503, new requests are refused with
+503, in-flight ones get up to --shutdown-timeout seconds to finish, then the process exits 0.
+
+  nibble serve --model smollm2-135m --quant int4
+  nibble serve --variants bf16,int4 --port 8080 --api-key secret"""
+
+
+def _serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="serve the OpenAI API over HTTP",
+                           description=SERVE_DESCRIPTION,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = serve.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
+                   "0.0.0.0 for every interface)")
+    g.add_argument("--port", type=int, default=8000, help="default 8000 (0: any free port)")
+    g.add_argument("--variants", metavar="Q1,Q2,...", help="serve several quantizations of the "
+                   "model side by side, e.g. bf16,int4 (each one is loaded); or `variants = "
+                   "[...]` in --config. Default: the one --quant names")
+    g.add_argument("--api-key", default=os.environ.get("NIBBLE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every endpoint except /health "
+                   "and /metrics, which stay open for probes and scrapers (default: "
+                   "$NIBBLE_API_KEY; none: no key needed)")
+    g.add_argument("--max-queued", type=int, default=64, help="requests that may wait per "
+                   "variant beyond its running batch (--max-num-seqs); more get 429 with "
+                   "Retry-After at once (default 64)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight "
+                   "requests get to finish after SIGTERM before they are aborted (default 30)")
+    g.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body; larger "
+                   "ones get 413 (default 8)")
+    e = serve.add_argument_group("batching")
+    e.add_argument("--max-num-seqs", type=int, help="sequences in one batch at most (default 16)")
+    e.add_argument("--max-num-batched-tokens", type=int,
+                   help="tokens in one forward pass at most; longer prompts are chunked (default 512)")
+    e.add_argument("--kv-cache-memory", type=float, help="KV-cache size: bytes, or a fraction "
+                   "(0-1] of memory (default: enough for max-num-seqs full-length sequences, at "
+                   "most 10%% of memory)")
+    _model_args(serve)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -101,7 +147,15 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     data = _read_config(args.config) if args.config else {}
     flags = {"model": args.model, "quant": args.quant, "device": args.device,
              "max_model_len": args.max_model_len, "threads": args.threads, "seed": args.seed}
+    for key in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
+        flags[key] = getattr(args, key, None)
     data.update({k: v for k, v in flags.items() if v is not None})
+    if args.command == "serve":
+        file_variants = data.pop("variants", None)
+        if args.variants is None and file_variants is not None:
+            if not isinstance(file_variants, list) or not all(isinstance(q, str) for q in file_variants):
+                raise ConfigError("config key 'variants' must be a list of quantization strings")
+            args.variants = ",".join(file_variants)
     if args.rules:
         data["rules"] = list(args.rules) + _file_rules(data.get("rules"))
     return EngineConfig.from_dict(data)

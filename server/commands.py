@@ -13,8 +13,34 @@ from engine.sampling_params import SamplingParams
 
 
 def run(args: argparse.Namespace, cfg: EngineConfig) -> int:
-    return {"generate": generate, "chat": chat, "quantize": quantize, "inspect": inspect}[
+    return {"serve": serve, "generate": generate, "chat": chat, "quantize": quantize, "inspect": inspect}[
         args.command](args, cfg)
+
+
+def serve(args: argparse.Namespace, cfg: EngineConfig) -> int:
+    import asyncio
+    import dataclasses
+
+    from engine import hub
+    from server.app import ServerSettings
+    from server.app import serve as run_server
+
+    labels = [q.strip() for q in args.variants.split(",")] if args.variants else [cfg.quant]
+    if args.variants and (not all(labels) or len(set(labels)) != len(labels)):
+        raise ConfigError(f"--variants {args.variants!r}: give distinct quantizations, "
+                          "comma-separated, e.g. bf16,int4")
+    # a bad quantization string fails here, before anything loads
+    configs = [(q, dataclasses.replace(cfg, quant=q)) for q in labels]
+    for name, value, ok in (("--port", args.port, 0 <= args.port < 65536),
+                            ("--max-queued", args.max_queued, args.max_queued >= 0),
+                            ("--shutdown-timeout", args.shutdown_timeout, args.shutdown_timeout >= 0),
+                            ("--max-body-mb", args.max_body_mb, args.max_body_mb > 0)):
+        if not ok:
+            raise ConfigError(f"{name} {value} is out of range")
+    settings = ServerSettings(args.host, args.port, args.api_key or None, args.max_queued,
+                              args.shutdown_timeout, int(args.max_body_mb * 2**20))
+    model_name = hub.resolve_model(cfg.model).name
+    return asyncio.run(run_server(settings, model_name, configs))
 
 
 def _params(args: argparse.Namespace) -> SamplingParams:

@@ -1,0 +1,231 @@
+"""Builds the aiohttp app; loads the variants, starts the engine thread, drains on SIGTERM.
+
+Life of a server: it listens at once and answers /health with 503 "loading" while the
+variants load in a worker thread; then "ok". SIGTERM (or SIGINT) turns /health to 503
+"draining", new generation requests get 503, in-flight ones may finish until the shutdown
+timeout, the rest are aborted, and the process exits 0. If the engine thread dies, /health
+says "dead" and every waiting request ends with an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from engine.config import EngineConfig
+from server.async_engine import AsyncEngine, Variant
+from server.metrics import Metrics
+from server.protocol import APIError
+from server.responses import TokenText
+from server.routes import Routes
+
+log = logging.getLogger("nibble.server")
+OPEN_PATHS = ("/health", "/metrics")  # never behind --api-key: probes and scrapers
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_queued: int = 64  # per variant, beyond its running batch; more get 429
+    shutdown_timeout: float = 30.0
+    max_body_bytes: int = 8 * 2**20
+
+
+class ServerState:
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.phase = "loading"  # loading | ready | draining | dead
+        self.variants: list[Variant] = []
+        self.engine: AsyncEngine | None = None
+        self.created = int(time.time())
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nibble-tokenize")
+        self._token_text: dict[str, TokenText] = {}
+
+    def start(self, variants: list[Variant]) -> None:
+        """On the event loop, once the variants are loaded."""
+        self.variants = variants
+        self.engine = AsyncEngine(variants, self.settings.max_queued, self.metrics)
+        self.metrics.engine = self.engine
+        self.engine.start()
+        self.phase = "ready"
+
+    def variant(self, name: str | None) -> Variant:
+        if name is None or name == "":
+            return self.variants[0]
+        for v in self.variants:
+            if name == v.name:
+                return v
+        if name == self.variants[0].model:
+            return self.variants[0]
+        known = ", ".join(v.name for v in self.variants)
+        raise APIError(404, f"the model {name!r} does not exist; this server has {known} "
+                       f"(the bare name {self.variants[0].model!r} means the first)",
+                       param="model", code="model_not_found")
+
+    def token_text(self, v: Variant) -> TokenText:
+        if v.name not in self._token_text:
+            self._token_text[v.name] = TokenText(v.tokenizer)
+        return self._token_text[v.name]
+
+    @property
+    def healthy_phase(self) -> str:
+        if self.engine is not None and self.engine.dead is not None:
+            self.phase = "dead"
+        return self.phase
+
+
+def build_app(state: ServerState) -> web.Application:
+    app = web.Application(client_max_size=state.settings.max_body_bytes,
+                          middlewares=[_errors(state), _auth(state)])
+    Routes(state).add_to(app)
+    return app
+
+
+def _errors(state: ServerState):
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        state.healthy_phase  # noqa: B018 - notices a dead engine before answering
+        try:
+            resp = await handler(request)
+        except APIError as exc:
+            resp = _error_response(exc)
+        except web.HTTPRequestEntityTooLarge as exc:
+            resp = _error_response(APIError(413, f"the request body is larger than "
+                                            f"{state.settings.max_body_bytes} bytes",
+                                            code="body_too_large"))
+            del exc
+        except web.HTTPException as exc:  # no such route, wrong method
+            if exc.status < 400:
+                raise
+            resp = _error_response(APIError(exc.status, f"{request.method} {request.path}: "
+                                            f"{exc.reason}", code=None))
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # a bug: say so, keep serving
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            resp = _error_response(APIError(500, f"internal error: {exc!r}", code="internal_error"))
+        endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
+        state.metrics.http_status(endpoint, resp.status)
+        return resp
+
+    return middleware
+
+
+def _auth(state: ServerState):
+    key = state.settings.api_key
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        if key is not None and request.path not in OPEN_PATHS:
+            given = request.headers.get("Authorization", "")
+            token = given[7:] if given.startswith("Bearer ") else ""
+            if not hmac.compare_digest(token.encode(), key.encode()):
+                raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+        return await handler(request)
+
+    return middleware
+
+
+def _error_response(exc: APIError) -> web.Response:
+    headers = {"Retry-After": "1"} if exc.status == 429 else None
+    return web.json_response(exc.body(), status=exc.status, headers=headers)
+
+
+class Server:
+    """A running server: `await start()`, then `await stop()` (drains first)."""
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.state = ServerState(settings)
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        """Starts listening (variants still loading: /health 503)."""
+        self.runner = web.AppRunner(build_app(self.state), handler_cancellation=True,
+                                    access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.settings.host, self.settings.port)
+        await site.start()
+
+    @property
+    def port(self) -> int:
+        return self.runner.addresses[0][1]
+
+    def ready(self, variants: list[Variant]) -> None:
+        self.state.start(variants)
+
+    async def stop(self, timeout: float | None = None) -> int:
+        """/health turns 503, new requests get 503, in-flight ones get up to `timeout`
+        seconds; returns how many were aborted."""
+        st = self.state
+        aborted = 0
+        if st.phase != "dead":
+            st.phase = "draining"
+        if st.engine is not None:
+            aborted = await st.engine.drain(self.settings.shutdown_timeout if timeout is None else timeout)
+            await asyncio.get_running_loop().run_in_executor(None, st.engine.stop)
+        if self.runner is not None:
+            await self.runner.cleanup()
+        st.pool.shutdown(wait=False, cancel_futures=True)
+        return aborted
+
+
+def load_variants(model_name: str, configs: list[tuple[str | None, EngineConfig]]) -> list[Variant]:
+    """Loads each (quantization string, config) in order and names it model:quantization (no
+    string: what the checkpoint or the rules hold, or "custom")."""
+    from engine.llm import LLM
+
+    out = []
+    for label, cfg in configs:
+        llm = LLM(config=cfg)
+        policy = llm.loaded.policy
+        label = label or (policy.describe() if not policy.rules else "custom")
+        out.append(Variant(f"{model_name}:{label}", model_name, policy.describe(), llm))
+        log.info("loaded %s (%s)", out[-1].name, policy.describe())
+    return out
+
+
+async def serve(settings: ServerSettings, model_name: str,
+                configs: list[tuple[str, EngineConfig]]) -> int:
+    """The `nibble serve` process: listen, load, serve until SIGTERM/SIGINT, drain, exit."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = Server(settings)
+    await server.start()
+    log.info("listening on http://%s:%d; loading %d variant(s) of %s", settings.host,
+             server.port, len(configs), model_name)
+    loading = loop.run_in_executor(None, load_variants, model_name, configs)
+    waiter = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([loading, waiter], return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done():
+        log.info("stopped while loading")
+        await server.stop(0)
+        return 0
+    try:
+        variants = loading.result()
+    except Exception:
+        waiter.cancel()
+        await server.stop(0)
+        raise
+    server.ready(variants)
+    log.info("ready: %s on http://%s:%d/v1", ", ".join(v.name for v in variants),
+             settings.host, server.port)
+    await waiter
+    log.info("draining: up to %.0f s for %d in-flight requests", settings.shutdown_timeout,
+             server.state.engine.in_flight())
+    aborted = await server.stop()
+    log.info("stopped%s", f" ({aborted} requests aborted)" if aborted else "")
+    return 0

@@ -1,0 +1,251 @@
+"""The bridge between asyncio and the engine thread.
+
+One thread owns every variant's engine: it takes commands (add, abort) from a thread-safe
+queue, steps each engine that has work, and hands each step's outputs to the event loop in one
+`call_soon_threadsafe`. The loop side keeps one `Stream` per engine request and puts its
+outputs into the asyncio.Queue the request handler reads. Nothing on the loop side touches an
+engine, and only this one thread runs forward passes (the CPU kernels' scratch buffers assume
+one forward pass at a time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from engine.llm import LLM
+from engine.llm_engine import EngineStats
+from engine.report import module_weights
+from engine.sampling_params import SamplingParams
+from engine.sequence import RequestOutput
+from server.protocol import APIError, Limits
+
+log = logging.getLogger("nibble.server")
+
+
+@dataclass
+class Variant:
+    """One loaded variant of the served model: `smollm2-135m:int4`."""
+
+    name: str
+    model: str  # the bare model name
+    quantization: str
+    llm: LLM
+
+    @property
+    def engine(self):
+        return self.llm.engine
+
+    @property
+    def tokenizer(self):
+        return self.llm.tokenizer
+
+    @property
+    def limits(self) -> Limits:
+        runner, blocks = self.engine.runner, self.engine.blocks
+        return Limits(self.llm.loaded.config.vocab_size,
+                      min(runner.max_model_len, blocks.num_blocks * blocks.block_size))
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(r.nbytes for r in module_weights(self.llm.model))
+
+    @property
+    def max_running(self) -> int:
+        return self.llm.config.max_num_seqs
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped on an exception; nothing more will be generated."""
+
+
+@dataclass(eq=False)
+class Stream:
+    """One engine request as the loop sees it."""
+
+    request_id: str
+    variant: Variant
+    sink: asyncio.Queue  # (tag, RequestOutput | Exception)
+    tag: int
+    prompt_tokens: int
+    start: float = field(default_factory=time.perf_counter)
+    last: dict[int, float] = field(default_factory=dict)  # completion index -> last token time
+    tokens: dict[int, int] = field(default_factory=dict)  # completion index -> tokens seen
+
+
+class AsyncEngine:
+    def __init__(self, variants: list[Variant], max_queued: int, metrics=None):
+        self.variants = {v.name: v for v in variants}
+        self.max_queued = max_queued
+        self.metrics = metrics
+        self._cmds: queue.Queue = queue.Queue()
+        self._streams: dict[str, Stream] = {}
+        self._ids = itertools.count()
+        self._stats: dict[str, EngineStats] = {v.name: v.engine.stats() for v in variants}
+        self.dead: BaseException | None = None
+        self.accepting = True
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ loop side
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="nibble-engine", daemon=True)
+        self._thread.start()
+
+    def in_flight(self, variant: Variant | None = None) -> int:
+        return sum(1 for s in self._streams.values() if variant is None or s.variant is variant)
+
+    def stats(self, name: str) -> EngineStats:
+        return self._stats[name]
+
+    def check_capacity(self, variant: Variant, count: int) -> None:
+        """Raises 429 when `count` more requests would overflow the variant's queue, and 503
+        when nothing is accepted at all."""
+        if self.dead is not None:
+            raise APIError(503, f"the engine has stopped ({self.dead!r}); the server cannot "
+                           "generate any more", code="engine_dead")
+        if not self.accepting:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        limit = variant.max_running + self.max_queued
+        if self.in_flight(variant) + count > limit:
+            raise APIError(429, f"{variant.name} is at capacity ({variant.max_running} running, "
+                           f"{self.max_queued} queued); retry shortly", code="queue_full")
+
+    def submit(self, variant: Variant, prompt_ids: list[int], params: SamplingParams,
+               sink: asyncio.Queue, tag: int = 0, prompt: str | None = None) -> Stream:
+        """Queues one engine request; its outputs arrive in `sink` as (tag, output)."""
+        self.check_capacity(variant, 1)
+        rid = f"r{next(self._ids)}"
+        stream = Stream(rid, variant, sink, tag, len(prompt_ids))
+        self._streams[rid] = stream
+        self._idle.clear()
+        if self.metrics:
+            self.metrics.prompt_tokens(variant, len(prompt_ids))
+        self._cmds.put(("add", variant, rid, list(prompt_ids), params, prompt))
+        return stream
+
+    def abort(self, stream: Stream) -> None:
+        """Ends a request the client no longer waits for; the engine drops it before its next
+        step. A finished request is left alone."""
+        if self._streams.pop(stream.request_id, None) is None:
+            return
+        if self.metrics:
+            self.metrics.finished(stream.variant, "abort", time.perf_counter() - stream.start)
+        self._cmds.put(("abort", stream.variant, stream.request_id))
+        self._check_idle()
+
+    async def drain(self, timeout: float) -> int:
+        """Stops accepting, waits up to `timeout` s for in-flight requests, aborts the rest;
+        returns how many were aborted."""
+        self.accepting = False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        left = list(self._streams.values())
+        for s in left:
+            s.sink.put_nowait((s.tag, APIError(503, "the server shut down before this request "
+                                               "finished", code="shutting_down")))
+            self.abort(s)
+        return len(left)
+
+    def stop(self) -> None:
+        self._cmds.put(("stop",))
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _check_idle(self) -> None:
+        if not self._streams:
+            self._idle.set()
+
+    def _dispatch(self, variant: Variant, outputs: list[RequestOutput]) -> None:
+        now = time.perf_counter()
+        for out in outputs:
+            s = self._streams.get(out.request_id)
+            if s is None:  # aborted while the step ran
+                continue
+            self._observe(s, out, now)
+            s.sink.put_nowait((s.tag, out))
+            if out.finished:
+                del self._streams[out.request_id]
+        self._check_idle()
+
+    def _observe(self, s: Stream, out: RequestOutput, now: float) -> None:
+        m = self.metrics
+        for c in out.outputs:
+            n = len(c.token_ids)
+            new = n - s.tokens.get(c.index, 0)
+            if new <= 0:
+                continue
+            if m:
+                m.generation_tokens(s.variant, new)
+                if c.index not in s.last:
+                    m.first_token(s.variant, now - s.start)
+                else:
+                    m.inter_token(s.variant, (now - s.last[c.index]) / new)
+            s.tokens[c.index], s.last[c.index] = n, now
+        if out.finished and m:
+            for c in out.outputs:
+                m.finished(s.variant, c.finish_reason or "abort", now - s.start)
+
+    def _fail(self, request_id: str, exc: Exception) -> None:
+        s = self._streams.pop(request_id, None)
+        if s is not None:
+            s.sink.put_nowait((s.tag, exc))
+        self._check_idle()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        err = EngineDeadError(f"the engine stopped: {exc!r}")
+        for rid in list(self._streams):
+            self._fail(rid, err)
+
+    # ------------------------------------------------------------ engine thread
+
+    def _run(self) -> None:
+        try:
+            while True:
+                busy = any(v.engine.has_unfinished() for v in self.variants.values())
+                if not self._commands(block=not busy):
+                    return
+                for v in self.variants.values():
+                    if v.engine.has_unfinished():
+                        outputs = v.engine.step()
+                        if outputs:
+                            self._loop.call_soon_threadsafe(self._dispatch, v, outputs)
+                    self._stats[v.name] = v.engine.stats()
+        except BaseException as exc:  # noqa: BLE001 - reported to every waiting request
+            log.exception("the engine thread died")
+            self.dead = exc
+            self._loop.call_soon_threadsafe(self._fail_all, exc)
+
+    def _commands(self, block: bool) -> bool:
+        """Applies queued commands (waiting for one when idle); False on stop."""
+        try:
+            cmd = self._cmds.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            if cmd[0] == "stop":
+                return False
+            if cmd[0] == "add":
+                _, v, rid, ids, params, prompt = cmd
+                try:
+                    v.engine.add_request(rid, ids, params, prompt=prompt)
+                except Exception as exc:  # noqa: BLE001 - goes back to the one request
+                    self._loop.call_soon_threadsafe(self._fail, rid, exc)
+            else:
+                _, v, rid = cmd
+                v.engine.abort(rid)
+            self._stats[v.name] = v.engine.stats()
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return True
