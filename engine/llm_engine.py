@@ -164,6 +164,9 @@ class LLMEngine:
                 self.scheduler.finish(seq)
         return True
 
+    def request_ids(self) -> list[str]:
+        return list(self._by_id)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 

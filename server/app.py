@@ -55,7 +55,7 @@ class ServerState:
         """On the event loop, once the variants are loaded."""
         self.variants = variants
         self.engine = AsyncEngine(variants, self.settings.max_queued, self.metrics)
-        self.metrics.engine = self.engine
+        self.metrics.watch(self.engine)
         self.engine.start()
         self.phase = "ready"
 

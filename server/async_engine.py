@@ -225,6 +225,10 @@ class AsyncEngine:
             log.exception("the engine thread died")
             self.dead = exc
             self._loop.call_soon_threadsafe(self._fail_all, exc)
+            for v in self.variants.values():  # give back what the dead requests held
+                with contextlib.suppress(Exception):
+                    for rid in v.engine.request_ids():
+                        v.engine.abort(rid)
 
     def _commands(self, block: bool) -> bool:
         """Applies queued commands (waiting for one when idle); False on stop."""

@@ -43,6 +43,16 @@ class Metrics:
         self.engine = None
         r.register(_EngineCollector(self))
 
+    def watch(self, engine) -> None:
+        """Reads the engine's stats from now on; every variant's series start at 0, so a
+        scraper sees them before the first request."""
+        self.engine = engine
+        for v in engine.variants.values():
+            for metric in (self.ttft, self.itl, self.e2e, self.prompt, self.generation):
+                metric.labels(*_labels(v))
+            for reason in ("stop", "length", "abort"):
+                self.requests.labels(*_labels(v), reason)
+
     def prompt_tokens(self, variant, n: int) -> None:
         self.prompt.labels(*_labels(variant)).inc(n)
 

@@ -25,15 +25,16 @@ def default_source():
 
 
 @functools.cache
-def _llm(quant: str):
+def _llm(quant: str, **options):
     from engine import LLM
 
-    return LLM(DEFAULT_MODEL, quant=quant, progress=False, max_model_len=2048)
+    return LLM(DEFAULT_MODEL, quant=quant, progress=False, max_model_len=2048, **options)
 
 
 @pytest.fixture(scope="session")
 def llm_factory(default_source):
-    """llm_factory("int4") -> a shared LLM of the default model; loaded on first use."""
+    """llm_factory("int4", **options) -> a shared LLM of the default model; loaded on first
+    use. Callers must leave its engine idle."""
     return _llm
 
 

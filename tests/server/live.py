@@ -1,0 +1,100 @@
+"""A real nibble server on a loopback port, run in a thread with its own event loop, around
+LLMs the test session already loaded."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import re
+import threading
+from dataclasses import dataclass
+
+from server.app import Server, ServerSettings
+from server.async_engine import Variant
+
+MODEL = "smollm2-135m"
+
+
+def variant(llm, quant: str) -> Variant:
+    return Variant(f"{MODEL}:{quant}", MODEL, quant, llm)
+
+
+class LiveServer:
+    def __init__(self, variants: list[Variant], **settings):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = Server(ServerSettings(port=0, **settings))
+        self.call(self.server.start())
+        self.call(self._ready(variants))
+        self.url = f"http://127.0.0.1:{self.server.port}"
+        self.http = Http("127.0.0.1", self.server.port)
+
+    async def _ready(self, variants: list[Variant]) -> None:
+        self.server.ready(variants)
+
+    def call(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def engine(self):
+        return self.server.state.engine
+
+    def metric(self, name: str, **labels) -> float:
+        """One sample of /metrics (summed over label sets that match `labels`)."""
+        total, found = 0.0, False
+        for line in self.http.get("/metrics").text.splitlines():
+            m = re.fullmatch(rf"{name}(?:\{{(.*)\}})? (\S+)", line)
+            if not m:
+                continue
+            have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+            if all(have.get(k) == v for k, v in labels.items()):
+                total, found = total + float(m.group(2)), True
+        assert found, f"{name} {labels} not in /metrics"
+        return total
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.call(self.server.stop(timeout))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@dataclass
+class Reply:
+    status_code: int
+    headers: dict[str, str]
+    text: str
+
+    def json(self):
+        return json.loads(self.text)
+
+
+class Http:
+    """Plain HTTP/1.1 calls (one connection per call), for what the openai client cannot
+    send: malformed bodies, raw headers, the non-/v1 endpoints."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+
+    def request(self, method: str, path: str, content: str | bytes | None = None,
+                json_body=None, headers: dict | None = None, timeout: float = 120) -> Reply:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        headers = dict(headers or {})
+        if json_body is not None:
+            content = json.dumps(json_body)
+            headers.setdefault("Content-Type", "application/json")
+        try:
+            conn.request(method, path, body=content.encode() if isinstance(content, str) else content,
+                         headers=headers)
+            resp = conn.getresponse()
+            return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()},
+                         resp.read().decode("utf-8", "replace"))
+        finally:
+            conn.close()
+
+    def get(self, path: str, headers: dict | None = None) -> Reply:
+        return self.request("GET", path, headers=headers)
+
+    def post(self, path: str, json=None, content=None, headers: dict | None = None) -> Reply:
+        return self.request("POST", path, content=content, json_body=json, headers=headers)

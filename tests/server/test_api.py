@@ -1,0 +1,160 @@
+"""The official openai client against a live server: chat and completions, streaming and
+not, n > 1, logprobs, echo, stop, usage; /tokenize, /detokenize, /v1/models, /health."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+CHAT = [{"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_models_lists_the_variant_with_quantization_and_bytes(client, llm):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["smollm2-135m:int4"]
+    card = models[0].model_dump()
+    assert card["quantization"] == "int4" and card["max_model_len"] == 2048
+    from engine.report import module_weights
+
+    assert card["weight_bytes"] == sum(r.nbytes for r in module_weights(llm.model)) > 50e6
+    assert client.models.retrieve("smollm2-135m:int4").id == "smollm2-135m:int4"
+
+
+def test_health_is_ok_when_ready(live):
+    r = live.http.get("/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_chat_streamed_equals_chat_whole(client):
+    whole = client.chat.completions.create(model="smollm2-135m", messages=CHAT, max_tokens=24,
+                                           temperature=0)
+    msg = whole.choices[0].message
+    assert msg.role == "assistant" and msg.content
+    assert whole.object == "chat.completion" and whole.model == "smollm2-135m:int4"
+    chunks = list(client.chat.completions.create(
+        model="smollm2-135m", messages=CHAT, max_tokens=24, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == msg.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_chat_is_the_template_applied_to_the_messages(client, live):
+    """The chat endpoint's greedy answer is the completion of the templated prompt."""
+    ids = live.http.post("/tokenize", json={"messages": CHAT}).json()["tokens"]
+    chat = client.chat.completions.create(model="smollm2-135m", messages=CHAT, max_tokens=16,
+                                          temperature=0)
+    comp = client.completions.create(model="smollm2-135m", prompt=ids, max_tokens=16, temperature=0)
+    assert comp.choices[0].text == chat.choices[0].message.content
+    assert chat.usage.prompt_tokens == comp.usage.prompt_tokens == len(ids)
+
+
+def test_completions_streamed_by_index_with_n_2(client):
+    kw = dict(model="smollm2-135m", prompt=["Once upon a time", "The best thing about"],
+              max_tokens=12, temperature=1.0, seed=7, n=2, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw)
+    assert [c.index for c in whole.choices] == [0, 1, 2, 3]
+    assert whole.usage.completion_tokens == 4 * 12
+    texts = {c.index: c.text for c in whole.choices}
+    assert texts[0] != texts[1], "two completions of one prompt drew the same tokens"
+    streamed: dict[int, str] = {}
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert streamed == texts
+
+
+def test_chat_logprobs_and_top_logprobs(client):
+    r = client.chat.completions.create(model="smollm2-135m", messages=CHAT, max_tokens=8,
+                                       temperature=0, logprobs=True, top_logprobs=3,
+                                       extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 8
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3
+        assert t.top_logprobs[0].token == t.token  # greedy: the chosen token is the top one
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+        assert bytes(t.bytes).decode() == t.token
+        assert sum(math.exp(x.logprob) for x in t.top_logprobs) <= 1 + 1e-4
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1])
+def test_echo_logprobs_score_the_prompt(client, live, llm, max_tokens):
+    """lm-eval's loglikelihood requests: echo with logprobs gives each prompt token's
+    teacher-forced logprob (the first has none)."""
+    prompt = "The quick brown fox jumps over the lazy dog"
+    r = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=max_tokens,
+                                  echo=True, logprobs=1, temperature=0)
+    lp = r.choices[0].logprobs
+    ids = llm.tokenizer.encode(prompt)
+    assert r.choices[0].text.startswith(prompt)
+    assert len(lp.tokens) == len(ids) + max_tokens
+    assert "".join(lp.tokens[:len(ids)]) == prompt
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset[:3] == [0, len(lp.tokens[0]), len(lp.tokens[0]) + len(lp.tokens[1])]
+    assert r.usage.completion_tokens == max_tokens
+    expected = torch.log_softmax(llm.score(ids), -1)  # the server is idle: its engine is free
+    want = [expected[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx(want, abs=2e-3)
+
+
+def test_stop_and_max_completion_tokens(client):
+    base = client.completions.create(model="smollm2-135m", prompt="1, 2, 3, 4,", max_tokens=12,
+                                     temperature=0)
+    text = base.choices[0].text
+    stop = text[4:7]
+    cut = client.completions.create(model="smollm2-135m", prompt="1, 2, 3, 4,", max_tokens=12,
+                                    temperature=0, stop=[stop, "zzz"])
+    assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model="smollm2-135m", messages=CHAT, temperature=0,
+                                       max_completion_tokens=3, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+def test_tokenize_detokenize_round_trip(live, llm):
+    text = "Héllo wörld, 1 2 3"
+    tok = live.http.post("/tokenize", json={"prompt": text}).json()
+    assert tok["tokens"] == llm.tokenizer.encode(text) and tok["count"] == len(tok["tokens"])
+    assert live.http.post("/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == text
+
+
+def test_special_token_text_and_lone_surrogates_are_served(live):
+    body = '{"messages": [{"role": "user", "content": "<|im_start|>hi \\ud800 there"}], "max_tokens": 3}'
+    r = live.http.post("/v1/chat/completions", content=body,
+                       headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    r = live.http.post("/v1/completions", json={"prompt": "<|endoftext|>x", "max_tokens": 2,
+                                                "stream": True})
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+
+
+def test_api_key_guards_all_but_health_and_metrics(llm, live):
+    from openai import AuthenticationError, OpenAI
+
+    from tests.server.live import LiveServer, variant
+
+    guarded = LiveServer([variant(llm, "int4")], api_key="s3cret")
+    try:
+        for path in ("/health", "/metrics"):
+            assert guarded.http.get(path).status_code == 200
+        r = guarded.http.get("/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = guarded.http.get("/v1/models", headers={"Authorization": "Bearer s3cre"})
+        assert r.status_code == 401
+        with OpenAI(base_url=guarded.url + "/v1", api_key="wrong", max_retries=0) as c, \
+                pytest.raises(AuthenticationError):
+            c.models.list()
+        with OpenAI(base_url=guarded.url + "/v1", api_key="s3cret", max_retries=0) as c:
+            assert c.completions.create(model="smollm2-135m", prompt="Hi", max_tokens=2).choices
+    finally:
+        guarded.stop()
