@@ -122,11 +122,15 @@ class AsyncEngine:
                            f"{self.max_queued} queued); retry shortly", code="queue_full")
 
     def submit(self, variant: Variant, prompt_ids: list[int], params: SamplingParams,
-               sink: asyncio.Queue, tag: int = 0, prompt: str | None = None) -> Stream:
-        """Queues one engine request; its outputs arrive in `sink` as (tag, output)."""
+               sink: asyncio.Queue, tag: int = 0, prompt: str | None = None,
+               arrival: float | None = None) -> Stream:
+        """Queues one engine request; its outputs arrive in `sink` as (tag, output).
+        `arrival` (perf_counter) starts its latency clocks; default now."""
         self.check_capacity(variant, 1)
         rid = f"r{next(self._ids)}"
         stream = Stream(rid, variant, sink, tag, len(prompt_ids))
+        if arrival is not None:
+            stream.start = arrival
         self._streams[rid] = stream
         self._idle.clear()
         if self.metrics:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 from aiohttp import web
@@ -73,6 +74,7 @@ class Routes:
     # ---------------------------------------------------------------- generation
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        arrival = time.perf_counter()
         req = parse_completion(await self._body(request))
         v = self._variant(req.model)
         self.state.engine.check_capacity(v, len(req.prompts))
@@ -80,19 +82,20 @@ class Routes:
         for ids, _ in encoded:
             check_tokens(ids, v.limits, "prompt")
             check_request(req, len(ids), v.limits, "prompt")
-        return await self._generate(request, req, v, encoded, "cmpl")
+        return await self._generate(request, req, v, encoded, "cmpl", arrival)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        arrival = time.perf_counter()
         req = parse_chat(await self._body(request))
         v = self._variant(req.model)
         self.state.engine.check_capacity(v, 1)
         ids = await self._off_loop(_encode_chat, v.tokenizer, req.messages)
         check_request(req, len(ids), v.limits, "messages")
-        return await self._generate(request, req, v, [(ids, None)], "chatcmpl")
+        return await self._generate(request, req, v, [(ids, None)], "chatcmpl", arrival)
 
     async def _generate(self, request: web.Request, req: CompletionRequest | ChatRequest,
                         v: Variant, prompts: list[tuple[list[int], str | None]],
-                        prefix: str) -> web.StreamResponse:
+                        prefix: str, arrival: float) -> web.StreamResponse:
         engine = self.state.engine
         sink: asyncio.Queue = asyncio.Queue()
         streams: list[Stream] = []
@@ -103,7 +106,8 @@ class Routes:
                    for tag, (_, text) in enumerate(prompts) for i in range(n)}
         try:
             for tag, (ids, text) in enumerate(prompts):
-                streams.append(engine.submit(v, ids, req.params, sink, tag, prompt=text))
+                streams.append(engine.submit(v, ids, req.params, sink, tag, prompt=text,
+                                             arrival=arrival))
             prompt_tokens = sum(len(ids) for ids, _ in prompts)
             if req.stream:
                 return await self._stream(request, render, sink, choices, len(prompts), prompt_tokens)

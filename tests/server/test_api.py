@@ -158,3 +158,21 @@ def test_api_key_guards_all_but_health_and_metrics(llm, live):
             assert c.completions.create(model="smollm2-135m", prompt="Hi", max_tokens=2).choices
     finally:
         guarded.stop()
+
+
+def test_tokenization_runs_off_the_event_loop(client, live, llm, monkeypatch):
+    """Tokenizing and templating a large prompt must not stall other connections."""
+    import threading
+
+    seen = []
+    encode = llm.tokenizer.encode
+
+    def spy(*args, **kwargs):
+        seen.append(threading.current_thread())
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(llm.tokenizer, "encode", spy)
+    client.completions.create(model="smollm2-135m", prompt="word " * 1500, max_tokens=1)
+    client.chat.completions.create(model="smollm2-135m", messages=CHAT, max_tokens=1)
+    assert len(seen) == 2
+    assert all(t is not live.thread and t.name.startswith("nibble-tokenize") for t in seen)
