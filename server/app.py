@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import logging
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -229,3 +230,32 @@ async def serve(settings: ServerSettings, model_name: str,
     aborted = await server.stop()
     log.info("stopped%s", f" ({aborted} requests aborted)" if aborted else "")
     return 0
+
+
+class ServerThread:
+    """A server on its own event loop in a background thread, around variants already loaded
+    in this process (for embedding the server in a program, for benchmarks and tests)."""
+
+    def __init__(self, variants: list[Variant], settings: ServerSettings | None = None):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="nibble-server",
+                                       daemon=True)
+        self.thread.start()
+        self.server = Server(settings or ServerSettings(port=0))
+        self.call(self.server.start())
+        self.call(self._ready(variants))
+        self.port = self.server.port
+        self.url = f"http://{self.server.settings.host}:{self.port}"
+
+    async def _ready(self, variants: list[Variant]) -> None:
+        self.server.ready(variants)
+
+    def call(self, coro, timeout: float = 120):
+        """Runs a coroutine on the server's loop and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Drains for up to `timeout` seconds, then stops the loop and its thread."""
+        self.call(self.server.stop(timeout))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)

@@ -1,16 +1,14 @@
-"""A real nibble server on a loopback port, run in a thread with its own event loop, around
-LLMs the test session already loaded."""
+"""A real nibble server on a loopback port (in a thread with its own event loop) around LLMs
+the test session already loaded, with plain-HTTP and /metrics helpers."""
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import re
-import threading
 from dataclasses import dataclass
 
-from server.app import Server, ServerSettings
+from server.app import ServerSettings, ServerThread
 from server.async_engine import Variant
 
 MODEL = "smollm2-135m"
@@ -20,22 +18,10 @@ def variant(llm, quant: str) -> Variant:
     return Variant(f"{MODEL}:{quant}", MODEL, quant, llm)
 
 
-class LiveServer:
+class LiveServer(ServerThread):
     def __init__(self, variants: list[Variant], **settings):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = Server(ServerSettings(port=0, **settings))
-        self.call(self.server.start())
-        self.call(self._ready(variants))
-        self.url = f"http://127.0.0.1:{self.server.port}"
-        self.http = Http("127.0.0.1", self.server.port)
-
-    async def _ready(self, variants: list[Variant]) -> None:
-        self.server.ready(variants)
-
-    def call(self, coro, timeout: float = 120):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        super().__init__(variants, ServerSettings(port=0, **settings))
+        self.http = Http("127.0.0.1", self.port)
 
     @property
     def engine(self):
@@ -53,11 +39,6 @@ class LiveServer:
                 total, found = total + float(m.group(2)), True
         assert found, f"{name} {labels} not in /metrics"
         return total
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self.call(self.server.stop(timeout))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 @dataclass

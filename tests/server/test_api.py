@@ -176,3 +176,28 @@ def test_tokenization_runs_off_the_event_loop(client, live, llm, monkeypatch):
     client.chat.completions.create(model="smollm2-135m", messages=CHAT, max_tokens=1)
     assert len(seen) == 2
     assert all(t is not live.thread and t.name.startswith("nibble-tokenize") for t in seen)
+
+
+def test_metrics_cover_latency_tokens_and_engine_state(client, live):
+    labels = {"model": "smollm2-135m:int4", "quantization": "int4"}
+    before = {name: live.metric(name, **labels) for name in (
+        "nibble_prefix_cache_hit_tokens_total", "nibble_prompt_tokens_total",
+        "nibble_generation_tokens_total", "nibble_time_to_first_token_seconds_count",
+        "nibble_inter_token_latency_seconds_count", "nibble_e2e_request_latency_seconds_count")}
+    prompt = "A shared system prompt that is long enough to fill a few KV blocks. " * 4
+    for _ in range(2):
+        client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=5,
+                                  temperature=0, extra_body={"ignore_eos": True})
+    delta = {k: live.metric(k, **labels) - v for k, v in before.items()}
+    assert delta["nibble_prefix_cache_hit_tokens_total"] >= 48  # the second reused >= 3 blocks
+    assert delta["nibble_generation_tokens_total"] == 10
+    assert delta["nibble_time_to_first_token_seconds_count"] == 2
+    assert delta["nibble_inter_token_latency_seconds_count"] == 8
+    assert delta["nibble_e2e_request_latency_seconds_count"] == 2
+    assert delta["nibble_prompt_tokens_total"] > 2 * 48
+    assert live.metric("nibble_requests_finished_total", finish_reason="length", **labels) >= 2
+    assert live.metric("nibble_kv_blocks_total", **labels) > 0
+    assert 0 <= live.metric("nibble_kv_cache_usage_ratio", **labels) <= 1
+    for name in ("nibble_preemptions_total", "nibble_requests_running", "nibble_requests_waiting"):
+        assert live.metric(name, **labels) >= 0
+    assert live.metric("nibble_http_requests_total", endpoint="/v1/completions", status="200") >= 2
