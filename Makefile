@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.nibble-installed
 
-.PHONY: setup chat generate test lint bench bench-gpu
+.PHONY: setup serve chat generate test lint bench bench-gpu
 
 setup: $(STAMP)
 
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+serve: setup
+	$(VENV)/bin/nibble serve --model smollm2-135m --quant int4
 
 chat: setup
 	$(VENV)/bin/nibble chat --model smollm2-135m --quant int4

@@ -61,6 +61,9 @@ class ServerState:
         self.phase = "ready"
 
     def variant(self, name: str | None) -> Variant:
+        if not self.variants:
+            raise APIError(503, "the server is still loading its models; retry when /health "
+                           "says ok", code="loading")
         if name is None or name == "":
             return self.variants[0]
         for v in self.variants:

@@ -89,6 +89,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_0():
         assert r.status_code == 503 and r.json()["status"] == "loading"
         r = http.post("/v1/completions", json={"prompt": "Hi"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
+        assert http.get("/v1/models/smollm2-135m").status_code == 503
+        assert http.get("/v1/models").json()["data"] == []
         p.wait_line(r"ready: smollm2-135m:int4")
         assert http.get("/health").status_code == 200
 
