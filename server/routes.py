@@ -102,7 +102,7 @@ class Routes:
         render = Renderer(req, v.name, new_id(prefix), now(), self.state.token_text(v))
         n = req.params.n
         echo = isinstance(req, CompletionRequest) and req.echo
-        choices = {(tag, i): Choice(tag * n + i, prefix=text if echo else "")
+        choices = {(tag, i): Choice(tag * n + i, prefix=(text or "") if echo else "")
                    for tag, (_, text) in enumerate(prompts) for i in range(n)}
         try:
             for tag, (ids, text) in enumerate(prompts):
