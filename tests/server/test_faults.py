@@ -4,6 +4,7 @@ engine that dies."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import statistics
 import threading
@@ -160,3 +161,30 @@ def test_a_dead_engine_turns_health_503_and_fails_requests(llm, monkeypatch):
         monkeypatch.undo()
         server.stop()
     assert not llm.engine.has_unfinished()  # the dead requests gave their blocks back
+
+
+def test_drain_timeout_ends_unfinished_streams_with_an_error(llm):
+    server = LiveServer([variant(llm, "int4")])
+    body = {"prompt": "Keep talking", "max_tokens": 1000, "ignore_eos": True}
+    try:
+        s = _open_stream(live=server, body=body)
+        whole = ThreadPoolExecutor(1).submit(server.http.post, "/v1/completions", json=body)
+        _wait_for(lambda: server.engine.in_flight() == 2, what="both requests in flight")
+    finally:
+        aborted = server.call(server.server.stop(0.5))
+        server.loop.call_soon_threadsafe(server.loop.stop)
+    assert aborted == 2
+    s.settimeout(30)
+    rest = b""
+    while not rest.endswith(b"0\r\n\r\n"):  # the chunked body's end
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    s.close()
+    events = re.findall(r"data: (.*?)\n\n", rest.decode())
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "shutting_down"
+    r = whole.result(30)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+    assert not llm.engine.has_unfinished()
