@@ -172,7 +172,7 @@ def test_tokenization_runs_off_the_event_loop(client, live, llm, monkeypatch):
         return encode(*args, **kwargs)
 
     monkeypatch.setattr(llm.tokenizer, "encode", spy)
-    client.completions.create(model="smollm2-135m", prompt="word " * 1500, max_tokens=1)
+    client.completions.create(model="smollm2-135m", prompt="word " * 300, max_tokens=1)
     client.chat.completions.create(model="smollm2-135m", messages=CHAT, max_tokens=1)
     assert len(seen) == 2
     assert all(t is not live.thread and t.name.startswith("nibble-tokenize") for t in seen)

@@ -20,12 +20,25 @@ from tests.server.live import Http, LiveServer, variant
 pytestmark = pytest.mark.slow
 
 
-def test_serve_help_explains_the_server():
-    out = nibble("serve", "--help").stdout
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`nibble ARGS` in this process (what a subprocess would print, without its start-up)."""
+    from server.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_serve_help_explains_the_server(capsys):
+    code, out, _ = _cli(capsys, "serve", "--help")
+    assert code == 0
     for fragment in ("/v1/chat/completions", "--variants", "--max-queued", "429",
                      "--shutdown-timeout", "SIGTERM", "except /health", "/metrics"):
         assert fragment in " ".join(out.split()), fragment
-    assert "serve" in nibble("--help").stdout
+    assert "serve" in _cli(capsys, "--help")[1]
 
 
 @pytest.mark.parametrize("args,fragments", [
@@ -35,8 +48,11 @@ def test_serve_help_explains_the_server():
     (["--max-queued", "-1"], ["--max-queued"]),
     (["-m", "no-such-model"], ["no-such-model"]),
 ])
-def test_serve_mistakes_fail_before_loading(args, fragments):
-    assert_clean_error(nibble("serve", *args, timeout=60), *fragments)
+def test_serve_mistakes_fail_before_loading(capsys, args, fragments):
+    code, _, err = _cli(capsys, "serve", *args)
+    assert code == 2 and err.startswith("nibble: error:") and "Traceback" not in err
+    for f in fragments:
+        assert f in err, err
 
 
 def test_variants_from_a_config_file(tmp_path):
