@@ -150,6 +150,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     for key in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
         flags[key] = getattr(args, key, None)
     data.update({k: v for k, v in flags.items() if v is not None})
+    if args.command != "serve" and "variants" in data:
+        raise ConfigError(f"config key 'variants' is read by `nibble serve` only, not by "
+                          f"`nibble {args.command}`; give --quant instead")
     if args.command == "serve":
         file_variants = data.pop("variants", None)
         if args.variants is None and file_variants is not None:

@@ -66,6 +66,11 @@ def test_variants_from_a_config_file(tmp_path):
     args = build_parser().parse_args(["serve", "-c", str(good)])
     cfg = engine_config(args)
     assert args.variants == "bf16,int8" and cfg.max_num_seqs == 4
+    args = build_parser().parse_args(["serve", "-c", "serve-ab-bf16-int4"])  # the preset
+    assert engine_config(args).model == "smollm2-135m" and args.variants == "bf16,int4"
+    args = build_parser().parse_args(["serve", "-c", "serve-ab-bf16-int4", "--variants", "int8"])
+    engine_config(args)
+    assert args.variants == "int8"  # the flag wins
 
 
 class Process:
