@@ -113,8 +113,14 @@ class LLMEngine:
         req.seqs += children
         self.scheduler.add_first(children)
 
+    @property
+    def context_limit(self) -> int:
+        """Prompt + generated tokens one sequence may hold: the context length, or the whole
+        KV cache if that is smaller."""
+        return min(self.runner.max_model_len, self.blocks.num_blocks * self.blocks.block_size)
+
     def _check_length(self, prompt_len: int, params: SamplingParams) -> int:
-        limit = min(self.runner.max_model_len, self.blocks.num_blocks * self.blocks.block_size)
+        limit = self.context_limit
         if prompt_len == 0:
             raise ValueError("the prompt is empty; give at least one token")
         if params.max_tokens is None:

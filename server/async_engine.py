@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import queue
@@ -48,12 +49,10 @@ class Variant:
 
     @property
     def limits(self) -> Limits:
-        runner, blocks = self.engine.runner, self.engine.blocks
-        return Limits(self.llm.loaded.config.vocab_size,
-                      min(runner.max_model_len, blocks.num_blocks * blocks.block_size))
+        return Limits(self.llm.loaded.config.vocab_size, self.engine.context_limit)
 
-    @property
-    def weight_bytes(self) -> int:
+    @functools.cached_property
+    def weight_bytes(self) -> int:  # walks every module: once
         return sum(r.nbytes for r in module_weights(self.llm.model))
 
     @property

@@ -92,19 +92,17 @@ class Fields:
         return float(v)
 
     def bool(self, name: str, default: bool) -> bool:
-        v = self.body.get(name)
-        if v is None:
-            return default
-        if not isinstance(v, bool):
-            raise bad(name, f"'{name}' must be true or false, got {_json_type(v)}")
-        return v
+        return self._typed(name, default, bool, "true or false")
 
     def str(self, name: str, default: str | None = None) -> str | None:
+        return self._typed(name, default, str, "a string")
+
+    def _typed(self, name: str, default, kind: type, what: str):
         v = self.body.get(name)
         if v is None:
             return default
-        if not isinstance(v, str):
-            raise bad(name, f"'{name}' must be a string, got {_json_type(v)}")
+        if not isinstance(v, kind):
+            raise bad(name, f"'{name}' must be {what}, got {_json_type(v)}")
         return v
 
     def object(self, name: str) -> dict | None:

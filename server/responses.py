@@ -18,8 +18,10 @@ class TokenText:
     """Token id -> its text and its bytes, cached per tokenizer."""
 
     def __init__(self, tokenizer):
+        from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte map
+
         self.tok = tokenizer
-        self._byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        self._byte_of = {c: b for b, c in bytes_to_unicode().items()}
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one instance per loaded variant
     def text(self, token_id: int) -> str:
@@ -32,21 +34,6 @@ class TokenText:
         if isinstance(piece, str) and piece and all(c in self._byte_of for c in piece):
             return [self._byte_of[c] for c in piece]  # byte-level BPE (GPT-2 style)
         return list(self.text(token_id).encode("utf-8"))
-
-
-@functools.cache
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map of bytes to printable characters."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
-    out, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return out
 
 
 @dataclass
@@ -96,14 +83,14 @@ class Renderer:
 
     def _new_logprobs(self, ch: Choice, c: CompletionOutput, out: RequestOutput) -> dict | None:
         """Logprobs of the tokens not yet handed out (and, on an echo's first chunk, the
-        prompt's)."""
+        prompt's); None when the request asked for none."""
+        if not self.req.logprobs and (self.chat or self.req.logprobs is None):
+            return None
         end = 0 if self._score_only else len(c.token_ids)
         ids, dicts = c.token_ids[ch.tokens_sent:end], (c.logprobs or [])[ch.tokens_sent:end]
         ch.tokens_sent = max(ch.tokens_sent, end)
         if self.chat:
-            return self.chat_logprobs(ids, dicts) if self.req.logprobs else None
-        if self.req.logprobs is None:
-            return None
+            return self.chat_logprobs(ids, dicts)
         if ch.prefix and not ch.started and out.prompt_logprobs is not None:
             ids = out.prompt_token_ids + ids
             dicts = list(out.prompt_logprobs) + dicts
