@@ -7,6 +7,7 @@ in 16/32-bit at any time; a 7B model never needs a second full-precision copy in
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -122,8 +123,18 @@ def _gguf_fields(reader) -> dict:
 # ----------------------------------------------------------------------------- tensors
 
 def open_gguf(path: Path):
+    """A GGUFReader, parsed once per file version in this process: the gguf package reads the
+    metadata (the tokenizer's 49k-entry vocabulary and merges) field by field, which takes
+    seconds, and a server with variants or a comparison opens one file several times."""
+    st = Path(path).stat()
+    return _reader(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _reader(path: str, size: int, mtime_ns: int):
     import gguf
 
+    del size, mtime_ns  # part of the cache key only
     try:
         return gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError) as exc:
