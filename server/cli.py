@@ -95,19 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--all", action="store_true", help="list every module, not one line per distinct pattern")
     _model_args(insp)
     _serve_parser(sub)
+    _compare_parser(sub)
     return parser
 
 
 SERVE_DESCRIPTION = """\
 Serve the OpenAI API (POST /v1/completions, /v1/chat/completions, /tokenize, /detokenize;
-GET /v1/models, /health, /metrics) on HOST:PORT. The server listens at once; /health answers
+GET /v1/models, /health, /metrics; POST /v1/compare for a small A/B job) on HOST:PORT. The server listens at once; /health answers
 503 while the model loads, 200 when ready. With --variants it loads several variants of one
 model into one process and serves them as MODEL:VARIANT (the bare name is the first), for
 A/B comparisons. SIGTERM or Ctrl-C drains: /health turns 503, new requests are refused with
 503, in-flight ones get up to --shutdown-timeout seconds to finish, then the process exits 0.
 
   nibble serve --model smollm2-135m --quant int4
-  nibble serve --variants bf16,int4 --port 8080 --api-key secret"""
+  nibble serve --variants bf16,int4 --port 8080 --api-key secret
+  nibble serve --quant int8 --shadow bf16 --shadow-rate 0.05 --quality-gate 'kld<0.01'"""
 
 
 def _serve_parser(sub) -> None:
@@ -132,6 +134,20 @@ def _serve_parser(sub) -> None:
                    "requests get to finish after SIGTERM before they are aborted (default 30)")
     g.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body; larger "
                    "ones get 413 (default 8)")
+    q = serve.add_argument_group("quality (A/B)")
+    q.add_argument("--shadow", metavar="VARIANT", help="a reference variant (e.g. "
+                   "smollm2-135m:bf16, or bf16) that re-scores, teacher-forced and at idle "
+                   "priority, the tokens served for a sample of finished requests; per-token KL "
+                   "divergence and top-1 agreement go to /metrics as nibble_shadow_*. Also the "
+                   "default reference of POST /v1/compare")
+    q.add_argument("--shadow-rate", type=float, default=0.1, help="fraction of finished "
+                   "completions the shadow scores (default 0.1)")
+    q.add_argument("--quality-gate", metavar="EXPR", help="before serving, compare each "
+                   "quantized variant with the model's 16-bit weights on the built-in corpus "
+                   "and exit with status 3 unless EXPR holds, e.g. 'kld<0.05' "
+                   "or 'kld<0.05,top1>0.9'; metrics: kld, kld_p99, top1, ppl_ratio, rms_dp")
+    q.add_argument("--quality-gate-chunks", type=int, default=8, help="chunks of 256 tokens the "
+                   "gate scores, the second half of each (default 8: 1024 tokens); at least 2")
     e = serve.add_argument_group("batching")
     e.add_argument("--max-num-seqs", type=int, help="sequences in one batch at most (default 16)")
     e.add_argument("--max-num-batched-tokens", type=int,
@@ -142,9 +158,58 @@ def _serve_parser(sub) -> None:
     _model_args(serve)
 
 
+COMPARE_DESCRIPTION = """\
+Measure what variant B costs against variant A (the reference) on the same tokens:
+  teacher-forced  chunks of --ctx tokens of a corpus, the second half of each scored: perplexity
+                  of A and B and their ratio, KL(A||B) over the full vocabulary (mean, median,
+                  p90, p99, max), top-1 agreement, RMS change of the true token's probability;
+                  95%% bootstrap intervals over chunks, paired
+  free-running    greedy outputs of both on a prompt set: identical outputs, token agreement,
+                  where the first divergent token falls (median, survival curve)
+  cost            decode tok/s (alternating A and B) and weight bytes of each side
+Writes report.json and report.png (KLD and delta-p distributions, running mean KLD, divergence
+curve) to --out and prints a table. A and B are each a quantization (int4-g64, nf4), a model
+(a path, an alias, a checkpoint from `nibble quantize`), MODEL:QUANT, or a config file or
+preset with rules (mixed-attn-int8-mlp-int4). The corpus and prompts are built in unless given.
+
+  nibble compare --a bf16 --b int4
+  nibble compare --a bf16 --b ./smollm2-int4            # a saved checkpoint against its original
+  nibble compare --a int4 --b mixed-attn-int8-mlp-int4 --corpus my.txt --ctx 256"""
+
+
+def _compare_parser(sub) -> None:
+    cmp = sub.add_parser("compare", help="A/B: what a quantization costs against the original",
+                         description=COMPARE_DESCRIPTION,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = cmp.add_argument_group("variants")
+    g.add_argument("--model", "-m", default="smollm2-135m", help="the model a bare quantization "
+                   "applies to (default: smollm2-135m)")
+    g.add_argument("--a", default="bf16", metavar="VARIANT", help="the reference (default bf16)")
+    g.add_argument("--b", default="int4", metavar="VARIANT", help="the variant measured against "
+                   "it (default int4)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    t = cmp.add_argument_group("measurements")
+    t.add_argument("--corpus", default="builtin", metavar="FILE|builtin", help="UTF-8 text for the "
+                   "teacher-forced part (default: CPython's pydoc_data.topics)")
+    t.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
+    t.add_argument("--chunks", type=int, default=16, help="chunks scored, at least 2 (default 16)")
+    t.add_argument("--prompts", default="builtin", metavar="FILE|builtin", help="prompts for the "
+                   "free-running part: one per line, or .jsonl with {\"prompt\"} or {\"messages\"} "
+                   "(default: 12 built-in chat prompts)")
+    t.add_argument("--max-tokens", type=int, default=64, help="greedy tokens per prompt (default 64)")
+    t.add_argument("--no-free-running", action="store_true", help="skip the greedy generation part")
+    t.add_argument("--no-cost", action="store_true", help="skip the decode-speed timing")
+    cmp.add_argument("--out", "-o", type=Path, help="directory for report.json and report.png "
+                     "(default: ./nibble-compare-B-vs-A)")
+    cmp.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """Config file first, flags on top; unknown keys and bad values fail here."""
-    data = _read_config(args.config) if args.config else {}
+    if args.command == "compare":  # each side builds its own (server/commands.py)
+        return EngineConfig(model=args.model, device=args.device, threads=args.threads)
+    data = read_config(args.config) if args.config else {}
     flags = {"model": args.model, "quant": args.quant, "device": args.device,
              "max_model_len": args.max_model_len, "threads": args.threads, "seed": args.seed}
     for key in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
@@ -170,7 +235,14 @@ def _file_rules(rules) -> list[str]:
     return [f"{k}={v}" for k, v in rules.items()] if isinstance(rules, dict) else list(rules)
 
 
-def _read_config(name: str) -> dict:
+def is_config_name(name: str) -> bool:
+    """A TOML file or the name of a preset in configs/."""
+    if name.endswith(".toml"):
+        return True
+    return name != "models" and (resources.files("configs") / f"{name}.toml").is_file()
+
+
+def read_config(name: str) -> dict:
     path = Path(name)
     if not path.exists():
         preset = resources.files("configs") / f"{name.removesuffix('.toml')}.toml"

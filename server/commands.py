@@ -8,13 +8,13 @@ import sys
 import time
 
 from engine.config import EngineConfig
-from engine.errors import ConfigError
+from engine.errors import ConfigError, NibbleError
 from engine.sampling_params import SamplingParams
 
 
 def run(args: argparse.Namespace, cfg: EngineConfig) -> int:
-    return {"serve": serve, "generate": generate, "chat": chat, "quantize": quantize, "inspect": inspect}[
-        args.command](args, cfg)
+    return {"serve": serve, "generate": generate, "chat": chat, "quantize": quantize,
+            "inspect": inspect, "compare": compare}[args.command](args, cfg)
 
 
 def serve(args: argparse.Namespace, cfg: EngineConfig) -> int:
@@ -31,16 +31,26 @@ def serve(args: argparse.Namespace, cfg: EngineConfig) -> int:
                           "comma-separated, e.g. bf16,int4")
     # a bad quantization string fails here, before anything loads
     configs = [(q, dataclasses.replace(cfg, quant=q)) for q in labels]
+    from engine.eval import parse_gate
+
+    gate = tuple(parse_gate(args.quality_gate)) if args.quality_gate else ()
+    shadow = None
+    if args.shadow:
+        shadow = variant_config(args.shadow, cfg)
     for name, value, ok in (("--port", args.port, 0 <= args.port < 65536),
+                            ("--shadow-rate", args.shadow_rate, 0 <= args.shadow_rate <= 1),
+                            ("--quality-gate-chunks", args.quality_gate_chunks,
+                             args.quality_gate_chunks >= 2),
                             ("--max-queued", args.max_queued, args.max_queued >= 0),
                             ("--shutdown-timeout", args.shutdown_timeout, args.shutdown_timeout >= 0),
                             ("--max-body-mb", args.max_body_mb, args.max_body_mb > 0)):
         if not ok:
             raise ConfigError(f"{name} {value} is out of range")
     settings = ServerSettings(args.host, args.port, args.api_key or None, args.max_queued,
-                              args.shutdown_timeout, int(args.max_body_mb * 2**20))
+                              args.shutdown_timeout, int(args.max_body_mb * 2**20),
+                              args.shadow_rate, gate, args.quality_gate_chunks)
     model_name = hub.resolve_model(cfg.model).name
-    return asyncio.run(run_server(settings, model_name, configs))
+    return asyncio.run(run_server(settings, model_name, configs, shadow))
 
 
 def _params(args: argparse.Namespace) -> SamplingParams:
@@ -122,6 +132,8 @@ def chat(args: argparse.Namespace, cfg: EngineConfig) -> int:
 
 
 def quantize(args: argparse.Namespace, cfg: EngineConfig) -> int:
+    from pathlib import Path
+
     from engine import build
     from engine.checkpoint import save_checkpoint
     from engine.report import bytes_per_format, module_weights
@@ -129,7 +141,10 @@ def quantize(args: argparse.Namespace, cfg: EngineConfig) -> int:
     if args.out.exists() and any(args.out.iterdir()):
         raise ConfigError(f"{args.out} exists and is not empty; choose a new --out directory")
     loaded = build.load(cfg, prepare=False)
-    save_checkpoint(loaded.model, loaded.tokenizer, args.out, loaded.source.name)
+    # where the 16-bit original lives, for compare and the quality gate: the alias, a path, a hub id
+    local = Path(cfg.model).expanduser()
+    source = loaded.source.alias or (str(local.resolve()) if local.exists() else cfg.model)
+    save_checkpoint(loaded.model, loaded.tokenizer, args.out, source)
     sizes = bytes_per_format(module_weights(loaded.model))
     print(f"saved {loaded.source.name} ({loaded.policy.describe()}) to {args.out}")
     for fmt, n in sorted(sizes.items()):
@@ -161,3 +176,78 @@ def inspect(args: argparse.Namespace, cfg: EngineConfig) -> int:
         print(f"  {fmt:>10}: {n / 2**20:9.2f} MiB  ({100 * n / total:4.1f}%)")
     print(f"  {'total':>10}: {total / 2**20:9.2f} MiB")
     return 0
+
+
+def variant_config(text: str, base: EngineConfig) -> tuple[str, EngineConfig]:
+    """A compare/serve variant -> (label, config): a quantization (int4-g64), a config file or
+    preset with rules, MODEL:QUANT, or a model (alias, path, nibble checkpoint)."""
+    import dataclasses
+    from pathlib import Path
+
+    from engine import hub
+    from engine.config import QuantSpec
+    from server.cli import is_config_name, read_config
+
+    text = text.strip()
+    if not text:
+        raise ConfigError("a variant is empty; give a quantization, a model or a config")
+    try:
+        QuantSpec.parse(text)
+        return text, dataclasses.replace(base, quant=text, rules=())
+    except ConfigError as exc:
+        not_quant = str(exc)
+    if is_config_name(text) and not Path(text).is_dir():
+        data = {"model": base.model, "device": base.device, "threads": base.threads,
+                **read_config(text)}
+        return Path(text).name.removesuffix(".toml"), EngineConfig.from_dict(data)
+    model, _, quant = text.rpartition(":")
+    if model and not Path(text).exists():
+        QuantSpec.parse(quant)  # MODEL:QUANT with a typo in QUANT fails here, naming it
+        hub.resolve_model(model, progress=False)
+        return text, dataclasses.replace(base, model=model, quant=quant, rules=())
+    try:
+        source = hub.resolve_model(text)
+    except NibbleError as exc:
+        raise ConfigError(f"variant {text!r} is neither a quantization ({not_quant}) nor a "
+                          f"model ({exc}) nor a config file") from None
+    return source.name, dataclasses.replace(base, model=text, quant=None, rules=())
+
+
+def compare(args: argparse.Namespace, cfg: EngineConfig) -> int:
+    from pathlib import Path
+
+    from engine.eval import CompareOptions, format_table
+    from engine.eval import compare as run_compare
+    from engine.eval.plot import write_png
+    from engine.llm import LLM
+
+    for name, value, low in (("--ctx", args.ctx, 16), ("--chunks", args.chunks, 2),
+                             ("--max-tokens", args.max_tokens, 1)):
+        if value < low:
+            raise ConfigError(f"{name} must be at least {low}, got {value}")
+    for name, value in (("corpus", args.corpus), ("prompts", args.prompts)):
+        if value != "builtin" and not Path(value).is_file():
+            raise ConfigError(f"cannot read the {name} {value!r}: no such file (or give 'builtin')")
+    (label_a, cfg_a), (label_b, cfg_b) = variant_config(args.a, cfg), variant_config(args.b, cfg)
+    if label_a == label_b:
+        label_a, label_b = f"A:{label_a}", f"B:{label_b}"
+    opts = CompareOptions(corpus=args.corpus, ctx=args.ctx, chunks=args.chunks, prompts=args.prompts,
+                          max_tokens=args.max_tokens, free_running=not args.no_free_running,
+                          cost=not args.no_cost)
+    out = args.out or Path(f"nibble-compare-{_safe(label_b)}-vs-{_safe(label_a)}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    llm_a, llm_b = LLM(config=cfg_a), LLM(config=cfg_b)
+    result = run_compare(llm_a, llm_b, label_a, label_b, opts)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(result.report, indent=2) + "\n")
+    write_png(out / "report.png", result.plot)
+    print(json.dumps(result.report, indent=2) if args.json else format_table(result.report))
+    print(f"wrote {out / 'report.json'} and {out / 'report.png'}", file=sys.stderr)
+    return 0
+
+
+def _safe(label: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label)
