@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -39,6 +39,10 @@ class ServerSettings:
     max_queued: int = 64  # per variant, beyond its running batch; more get 429
     shutdown_timeout: float = 30.0
     max_body_bytes: int = 8 * 2**20
+    shadow_rate: float = 0.1  # fraction of finished completions the shadow reference scores
+    quality_gate: tuple = field(default=())  # engine.eval.gate.Condition, checked before serving
+    quality_gate_chunks: int = 8  # chunks of 256 tokens the gate scores (the second half of each)
+    shadow_seed: int = 0
 
 
 class ServerState:
@@ -48,15 +52,26 @@ class ServerState:
         self.phase = "loading"  # loading | ready | draining | dead
         self.variants: list[Variant] = []
         self.engine: AsyncEngine | None = None
+        self.shadow = None  # server.quality.Shadow
         self.created = int(time.time())
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nibble-tokenize")
         self._token_text: dict[str, TokenText] = {}
 
-    def start(self, variants: list[Variant]) -> None:
-        """On the event loop, once the variants are loaded."""
+    def start(self, variants: list[Variant], shadow: Variant | None = None) -> None:
+        """On the event loop, once the variants are loaded; `shadow` is the reference that
+        scores a sample of what they serve (it may be one of them)."""
+        from server.quality import Shadow
+
         self.variants = variants
-        self.engine = AsyncEngine(variants, self.settings.max_queued, self.metrics)
+        # the engine thread steps the shadow too (POST /v1/compare generates with it), but
+        # only the served variants are listed and routed
+        stepped = variants + [shadow] if shadow is not None and all(shadow is not v for v in variants) \
+            else variants
+        self.engine = AsyncEngine(stepped, self.settings.max_queued, self.metrics)
         self.metrics.watch(self.engine)
+        if shadow is not None:
+            self.shadow = Shadow(self.engine, shadow, self.settings.shadow_rate, self.metrics,
+                                 self.settings.shadow_seed)
         self.engine.start()
         self.phase = "ready"
 
@@ -166,8 +181,8 @@ class Server:
     def port(self) -> int:
         return self.runner.addresses[0][1]
 
-    def ready(self, variants: list[Variant]) -> None:
-        self.state.start(variants)
+    def ready(self, variants: list[Variant], shadow: Variant | None = None) -> None:
+        self.state.start(variants, shadow)
 
     async def stop(self, timeout: float | None = None) -> int:
         """/health turns 503, new requests get 503, in-flight ones get up to `timeout`
@@ -188,21 +203,46 @@ class Server:
 def load_variants(model_name: str, configs: list[tuple[str | None, EngineConfig]]) -> list[Variant]:
     """Loads each (quantization string, config) in order and names it model:quantization (no
     string: what the checkpoint or the rules hold, or "custom")."""
+    return [_load(model_name, label, cfg) for label, cfg in configs]
+
+
+def _load(model_name: str, label: str | None, cfg: EngineConfig) -> Variant:
     from engine.llm import LLM
 
-    out = []
-    for label, cfg in configs:
-        llm = LLM(config=cfg)
-        policy = llm.loaded.policy
-        label = label or (policy.describe() if not policy.rules else "custom")
-        out.append(Variant(f"{model_name}:{label}", model_name, policy.describe(), llm))
-        log.info("loaded %s (%s)", out[-1].name, policy.describe())
-    return out
+    llm = LLM(config=cfg)
+    policy = llm.loaded.policy
+    label = label or (policy.describe() if not policy.rules else "custom")
+    name = label if ":" in label else f"{model_name}:{label}"
+    log.info("loaded %s (%s)", name, policy.describe())
+    return Variant(name, name.rpartition(":")[0] if ":" in label else model_name, policy.describe(), llm)
 
 
-async def serve(settings: ServerSettings, model_name: str,
-                configs: list[tuple[str, EngineConfig]]) -> int:
-    """The `nibble serve` process: listen, load, serve until SIGTERM/SIGINT, drain, exit."""
+def prepare(model_name: str, configs: list[tuple[str | None, EngineConfig]],
+            shadow: tuple[str, EngineConfig] | None, gate: tuple,
+            gate_chunks: int = 8) -> tuple[list[Variant], Variant | None]:
+    """Loads the served variants and the shadow reference (reusing a served variant with the
+    same config), then checks the quality gate (raises server.quality.GateFailed)."""
+    from server.quality import run_gate
+
+    variants = load_variants(model_name, configs)
+    ref = None
+    if shadow is not None:
+        label, cfg = shadow
+        ref = next((v for v in variants if v.llm.config == cfg), None) or _load(model_name, label, cfg)
+        log.info("shadow A/B: %s scores a sample of %s", ref.name,
+                 ", ".join(v.name for v in variants if v is not ref))
+    if gate:
+        for line in run_gate(variants, list(gate), [ref] if ref is not None else [], gate_chunks):
+            log.info("%s", line)
+    return variants, ref
+
+
+async def serve(settings: ServerSettings, model_name: str, configs: list[tuple[str, EngineConfig]],
+                shadow: tuple[str, EngineConfig] | None = None) -> int:
+    """The `nibble serve` process: listen, load (and pass the quality gate), serve until
+    SIGTERM/SIGINT, drain, exit. Returns the exit status (3: the quality gate failed)."""
+    from server.quality import GATE_EXIT, GateFailed
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -211,7 +251,8 @@ async def serve(settings: ServerSettings, model_name: str,
     await server.start()
     log.info("listening on http://%s:%d; loading %d variant(s) of %s", settings.host,
              server.port, len(configs), model_name)
-    loading = loop.run_in_executor(None, load_variants, model_name, configs)
+    loading = loop.run_in_executor(None, prepare, model_name, configs, shadow, settings.quality_gate,
+                                   settings.quality_gate_chunks)
     waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait([loading, waiter], return_when=asyncio.FIRST_COMPLETED)
     if not loading.done():
@@ -219,12 +260,17 @@ async def serve(settings: ServerSettings, model_name: str,
         await server.stop(0)
         return 0
     try:
-        variants = loading.result()
+        variants, reference = loading.result()
+    except GateFailed as exc:
+        waiter.cancel()
+        await server.stop(0)
+        log.error("%s\nnot serving: the variant does not meet --quality-gate", exc)
+        return GATE_EXIT
     except Exception:
         waiter.cancel()
         await server.stop(0)
         raise
-    server.ready(variants)
+    server.ready(variants, reference)
     log.info("ready: %s on http://%s:%d/v1", ", ".join(v.name for v in variants),
              settings.host, server.port)
     await waiter
@@ -239,19 +285,20 @@ class ServerThread:
     """A server on its own event loop in a background thread, around variants already loaded
     in this process (for embedding the server in a program, for benchmarks and tests)."""
 
-    def __init__(self, variants: list[Variant], settings: ServerSettings | None = None):
+    def __init__(self, variants: list[Variant], settings: ServerSettings | None = None,
+                 shadow: Variant | None = None):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="nibble-server",
                                        daemon=True)
         self.thread.start()
         self.server = Server(settings or ServerSettings(port=0))
         self.call(self.server.start())
-        self.call(self._ready(variants))
+        self.call(self._ready(variants, shadow))
         self.port = self.server.port
         self.url = f"http://{self.server.settings.host}:{self.port}"
 
-    async def _ready(self, variants: list[Variant]) -> None:
-        self.server.ready(variants)
+    async def _ready(self, variants: list[Variant], shadow: Variant | None) -> None:
+        self.server.ready(variants, shadow)
 
     def call(self, coro, timeout: float = 120):
         """Runs a coroutine on the server's loop and returns its result."""

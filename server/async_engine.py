@@ -6,6 +6,10 @@ queue, steps each engine that has work, and hands each step's outputs to the eve
 outputs into the asyncio.Queue the request handler reads. Nothing on the loop side touches an
 engine, and only this one thread runs forward passes (the CPU kernels' scratch buffers assume
 one forward pass at a time).
+
+Background work (shadow scoring, /v1/compare) goes to the same thread as idle tasks: a task
+runs only when no engine has a request to step and no command is waiting, one task at a time,
+so a live request waits at most for the one task already running.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.llm import LLM
@@ -72,7 +78,7 @@ class Stream:
     variant: Variant
     sink: asyncio.Queue  # (tag, RequestOutput | Exception)
     tag: int
-    prompt_tokens: int
+    prompt_ids: list[int]
     start: float = field(default_factory=time.perf_counter)
     last: dict[int, float] = field(default_factory=dict)  # completion index -> last token time
     tokens: dict[int, int] = field(default_factory=dict)  # completion index -> tokens seen
@@ -83,7 +89,10 @@ class AsyncEngine:
         self.variants = {v.name: v for v in variants}
         self.max_queued = max_queued
         self.metrics = metrics
+        # called on the loop with (stream, output) for every finished request (shadow A/B)
+        self.on_finished: Callable[[Stream, RequestOutput], None] | None = None
         self._cmds: queue.Queue = queue.Queue()
+        self._tasks: deque = deque()  # engine thread only: (fn, future) idle tasks
         self._streams: dict[str, Stream] = {}
         self._ids = itertools.count()
         self._stats: dict[str, EngineStats] = {v.name: v.engine.stats() for v in variants}
@@ -127,7 +136,7 @@ class AsyncEngine:
         `arrival` (perf_counter) starts its latency clocks; default now."""
         self.check_capacity(variant, 1)
         rid = f"r{next(self._ids)}"
-        stream = Stream(rid, variant, sink, tag, len(prompt_ids))
+        stream = Stream(rid, variant, sink, tag, list(prompt_ids))
         if arrival is not None:
             stream.start = arrival
         self._streams[rid] = stream
@@ -160,6 +169,15 @@ class AsyncEngine:
             self.abort(s)
         return len(left)
 
+    def run_idle(self, fn: Callable[[], object]) -> asyncio.Future:
+        """Runs fn() on the engine thread when no engine has work; its result (or exception)
+        arrives in the returned future. fn may run forward passes (LLM.score)."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine stopped: {self.dead!r}")
+        fut = self._loop.create_future()
+        self._cmds.put(("task", fn, fut))
+        return fut
+
     def stop(self) -> None:
         self._cmds.put(("stop",))
         if self._thread is not None:
@@ -179,6 +197,8 @@ class AsyncEngine:
             s.sink.put_nowait((s.tag, out))
             if out.finished:
                 del self._streams[out.request_id]
+                if self.on_finished is not None:
+                    self.on_finished(s, out)
         self._check_idle()
 
     def _observe(self, s: Stream, out: RequestOutput, now: float) -> None:
@@ -216,22 +236,35 @@ class AsyncEngine:
         try:
             while True:
                 busy = any(v.engine.has_unfinished() for v in self.variants.values())
-                if not self._commands(block=not busy):
+                if not self._commands(block=not busy and not self._tasks):
                     return
+                stepped = False
                 for v in self.variants.values():
                     if v.engine.has_unfinished():
+                        stepped = True
                         outputs = v.engine.step()
                         if outputs:
                             self._loop.call_soon_threadsafe(self._dispatch, v, outputs)
                     self._stats[v.name] = v.engine.stats()
+                if not stepped and self._tasks and self._cmds.empty():
+                    self._run_task(*self._tasks.popleft())
         except BaseException as exc:  # noqa: BLE001 - reported to every waiting request
             log.exception("the engine thread died")
             self.dead = exc
             self._loop.call_soon_threadsafe(self._fail_all, exc)
+            for _, fut in self._tasks:
+                self._loop.call_soon_threadsafe(_settle, fut, None, EngineDeadError(repr(exc)))
             for v in self.variants.values():  # give back what the dead requests held
                 with contextlib.suppress(Exception):
                     for rid in v.engine.request_ids():
                         v.engine.abort(rid)
+
+    def _run_task(self, fn, fut: asyncio.Future) -> None:
+        try:
+            result, error = fn(), None
+        except Exception as exc:  # noqa: BLE001 - goes back to whoever queued the task
+            result, error = None, exc
+        self._loop.call_soon_threadsafe(_settle, fut, result, error)
 
     def _commands(self, block: bool) -> bool:
         """Applies queued commands (waiting for one when idle); False on stop."""
@@ -242,7 +275,9 @@ class AsyncEngine:
         while True:
             if cmd[0] == "stop":
                 return False
-            if cmd[0] == "add":
+            if cmd[0] == "task":
+                self._tasks.append(cmd[1:])
+            elif cmd[0] == "add":
                 _, v, rid, ids, params, prompt = cmd
                 try:
                     v.engine.add_request(rid, ids, params, prompt=prompt)
@@ -251,8 +286,18 @@ class AsyncEngine:
             else:
                 _, v, rid = cmd
                 v.engine.abort(rid)
-            self._stats[v.name] = v.engine.stats()
+            if cmd[0] != "task":
+                self._stats[v.name] = v.engine.stats()
             try:
                 cmd = self._cmds.get_nowait()
             except queue.Empty:
                 return True
+
+
+def _settle(fut: asyncio.Future, result, error: BaseException | None) -> None:
+    if fut.cancelled():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)

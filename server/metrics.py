@@ -15,6 +15,11 @@ LABELS = ("model", "quantization")
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 60.0)
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+# Nats. Per-token KL divergence of a served variant from its reference spans decades: 8-bit
+# weights sit near 1e-3, 4-bit near 0.05-0.5, a broken variant above 1.
+KLD_BUCKETS = (1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+SHADOW_LABELS = ("served", "reference")
+SHADOW_OUTCOMES = ("scored", "dropped", "skipped", "failed")
 
 
 def _labels(variant) -> tuple[str, str]:
@@ -40,6 +45,19 @@ class Metrics:
                                 registry=r)
         self.http = Counter("nibble_http_requests", "HTTP responses by endpoint and status.",
                             ("endpoint", "status"), registry=r)
+        self.shadow_kld = Histogram(
+            "nibble_shadow_kld", "Shadow A/B: per-token KL divergence (nats) of the served "
+            "variant's next-token distribution from the reference's, on the tokens it served.",
+            SHADOW_LABELS, buckets=KLD_BUCKETS, registry=r)
+        self.shadow_tokens = Counter("nibble_shadow_tokens", "Shadow A/B: served tokens scored "
+                                     "by the reference.", SHADOW_LABELS, registry=r)
+        self.shadow_top1 = Counter("nibble_shadow_top1_agreement", "Shadow A/B: scored tokens "
+                                   "where the served variant's and the reference's most likely "
+                                   "token agree.", SHADOW_LABELS, registry=r)
+        self.shadow_requests = Counter(
+            "nibble_shadow_requests", "Shadow A/B: sampled completions by outcome (scored; "
+            "dropped: the backlog was full; skipped: longer than the reference's context; "
+            "failed).", (*SHADOW_LABELS, "outcome"), registry=r)
         self.engine = None
         r.register(_EngineCollector(self))
 
@@ -68,6 +86,24 @@ class Metrics:
     def finished(self, variant, reason: str, seconds: float) -> None:
         self.requests.labels(*_labels(variant), reason).inc()
         self.e2e.labels(*_labels(variant)).observe(seconds)
+
+    def watch_shadow(self, pairs: list[tuple[str, str]]) -> None:
+        for pair in pairs:
+            for metric in (self.shadow_kld, self.shadow_tokens, self.shadow_top1):
+                metric.labels(*pair)
+            for outcome in SHADOW_OUTCOMES:
+                self.shadow_requests.labels(*pair, outcome)
+
+    def shadow_scored(self, pair: tuple[str, str], kld: list[float], agree: int) -> None:
+        hist = self.shadow_kld.labels(*pair)
+        for x in kld:
+            hist.observe(x)
+        self.shadow_tokens.labels(*pair).inc(len(kld))
+        self.shadow_top1.labels(*pair).inc(agree)
+        self.shadow_request(pair, "scored")
+
+    def shadow_request(self, pair: tuple[str, str], outcome: str) -> None:
+        self.shadow_requests.labels(*pair, outcome).inc()
 
     def http_status(self, endpoint: str, status: int) -> None:
         self.http.labels(endpoint, str(status)).inc()

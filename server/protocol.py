@@ -398,3 +398,37 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def finish_reason(reason: str | None) -> str | None:
     return None if reason is None else ("length" if reason == "length" else "stop")
+
+
+@dataclass(frozen=True)
+class CompareRequest:
+    """POST /v1/compare: a small A/B job between two loaded variants."""
+
+    a: str | None  # default: the shadow reference, else the first variant
+    b: str | None  # default: the first other variant
+    ctx: int
+    chunks: int
+    text: str | None  # corpus; default: the built-in one
+    prompts: list[str] | None  # chat prompts for the free-running part; default: built-in
+    max_tokens: int
+    free_running: bool
+
+
+MAX_COMPARE_CTX, MAX_COMPARE_CHUNKS, MAX_COMPARE_PROMPTS, MAX_COMPARE_TOKENS = 2048, 32, 16, 256
+
+
+def parse_compare(body: Any) -> CompareRequest:
+    f = Fields(body)
+    prompts = body.get("prompts")
+    if prompts is not None:
+        if (not isinstance(prompts, list) or not prompts
+                or not all(isinstance(p, str) and p.strip() for p in prompts)):
+            raise bad("prompts", "'prompts' must be a non-empty list of non-empty strings")
+        if len(prompts) > MAX_COMPARE_PROMPTS:
+            raise bad("prompts", f"'prompts' holds at most {MAX_COMPARE_PROMPTS} strings, got {len(prompts)}")
+    text = f.str("text")
+    if text is not None and not text.strip():
+        raise bad("text", "'text' is empty; leave it out for the built-in corpus")
+    return CompareRequest(f.str("a"), f.str("b"), f.int("ctx", 256, 16, MAX_COMPARE_CTX),
+                          f.int("chunks", 4, 2, MAX_COMPARE_CHUNKS), text, prompts,
+                          f.int("max_tokens", 32, 1, MAX_COMPARE_TOKENS), f.bool("free_running", True))

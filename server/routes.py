@@ -26,6 +26,7 @@ from server.protocol import (
     new_id,
     now,
     parse_chat,
+    parse_compare,
     parse_completion,
     parse_detokenize,
     parse_tokenize,
@@ -49,6 +50,7 @@ class Routes:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_post("/v1/compare", self.compare)
 
     # ---------------------------------------------------------------- plumbing
 
@@ -191,6 +193,17 @@ class Routes:
         check_tokens(tokens, v.limits, "tokens")
         text = await self._off_loop(v.tokenizer.decode, tokens)
         return web.json_response({"prompt": text})
+
+
+    async def compare(self, request: web.Request) -> web.Response:
+        """A small A/B job between two loaded variants (default: the shadow reference or the
+        first variant, against the first other); returns the compare report's JSON."""
+        from server.quality import compare_job
+
+        req = parse_compare(await self._body(request))
+        if self.state.phase != "ready":
+            self._variant(None)  # the 503 of a server that is not ready
+        return web.json_response(await compare_job(self.state, req))
 
 
 def _encode_prompts(tokenizer, prompts: list[str | list[int]], echo: bool):

@@ -19,8 +19,8 @@ def variant(llm, quant: str) -> Variant:
 
 
 class LiveServer(ServerThread):
-    def __init__(self, variants: list[Variant], **settings):
-        super().__init__(variants, ServerSettings(port=0, **settings))
+    def __init__(self, variants: list[Variant], shadow: Variant | None = None, **settings):
+        super().__init__(variants, ServerSettings(port=0, **settings), shadow)
         self.http = Http("127.0.0.1", self.port)
 
     @property
