@@ -41,7 +41,7 @@ class ServerSettings:
     max_body_bytes: int = 8 * 2**20
     shadow_rate: float = 0.1  # fraction of finished completions the shadow reference scores
     quality_gate: tuple = field(default=())  # engine.eval.gate.Condition, checked before serving
-    quality_gate_chunks: int = 8  # chunks of 256 tokens the gate scores (the second half of each)
+    quality_gate_tokens: int = 1024  # tokens the gate scores (chunks of up to 256, half scored)
     shadow_seed: int = 0
 
 
@@ -219,7 +219,7 @@ def _load(model_name: str, label: str | None, cfg: EngineConfig) -> Variant:
 
 def prepare(model_name: str, configs: list[tuple[str | None, EngineConfig]],
             shadow: tuple[str, EngineConfig] | None, gate: tuple,
-            gate_chunks: int = 8) -> tuple[list[Variant], Variant | None]:
+            gate_tokens: int = 1024) -> tuple[list[Variant], Variant | None]:
     """Loads the served variants and the shadow reference (reusing a served variant with the
     same config), then checks the quality gate (raises server.quality.GateFailed)."""
     from server.quality import run_gate
@@ -232,7 +232,7 @@ def prepare(model_name: str, configs: list[tuple[str | None, EngineConfig]],
         log.info("shadow A/B: %s scores a sample of %s", ref.name,
                  ", ".join(v.name for v in variants if v is not ref))
     if gate:
-        for line in run_gate(variants, list(gate), [ref] if ref is not None else [], gate_chunks):
+        for line in run_gate(variants, list(gate), [ref] if ref is not None else [], gate_tokens):
             log.info("%s", line)
     return variants, ref
 
@@ -252,7 +252,7 @@ async def serve(settings: ServerSettings, model_name: str, configs: list[tuple[s
     log.info("listening on http://%s:%d; loading %d variant(s) of %s", settings.host,
              server.port, len(configs), model_name)
     loading = loop.run_in_executor(None, prepare, model_name, configs, shadow, settings.quality_gate,
-                                   settings.quality_gate_chunks)
+                                   settings.quality_gate_tokens)
     waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait([loading, waiter], return_when=asyncio.FIRST_COMPLETED)
     if not loading.done():

@@ -146,8 +146,8 @@ def _serve_parser(sub) -> None:
                    "quantized variant with the model's 16-bit weights on the built-in corpus "
                    "and exit with status 3 unless EXPR holds, e.g. 'kld<0.05' "
                    "or 'kld<0.05,top1>0.9'; metrics: kld, kld_p99, top1, ppl_ratio, rms_dp")
-    q.add_argument("--quality-gate-chunks", type=int, default=8, help="chunks of 256 tokens the "
-                   "gate scores, the second half of each (default 8: 1024 tokens); at least 2")
+    q.add_argument("--quality-gate-tokens", type=int, default=1024, help="tokens the gate "
+                   "scores (default 1024: 8 chunks of 256, the second half of each); at least 16")
     e = serve.add_argument_group("batching")
     e.add_argument("--max-num-seqs", type=int, help="sequences in one batch at most (default 16)")
     e.add_argument("--max-num-batched-tokens", type=int,

@@ -39,8 +39,8 @@ def serve(args: argparse.Namespace, cfg: EngineConfig) -> int:
         shadow = variant_config(args.shadow, cfg)
     for name, value, ok in (("--port", args.port, 0 <= args.port < 65536),
                             ("--shadow-rate", args.shadow_rate, 0 <= args.shadow_rate <= 1),
-                            ("--quality-gate-chunks", args.quality_gate_chunks,
-                             args.quality_gate_chunks >= 2),
+                            ("--quality-gate-tokens", args.quality_gate_tokens,
+                             args.quality_gate_tokens >= 16),
                             ("--max-queued", args.max_queued, args.max_queued >= 0),
                             ("--shutdown-timeout", args.shutdown_timeout, args.shutdown_timeout >= 0),
                             ("--max-body-mb", args.max_body_mb, args.max_body_mb > 0)):
@@ -48,7 +48,7 @@ def serve(args: argparse.Namespace, cfg: EngineConfig) -> int:
             raise ConfigError(f"{name} {value} is out of range")
     settings = ServerSettings(args.host, args.port, args.api_key or None, args.max_queued,
                               args.shutdown_timeout, int(args.max_body_mb * 2**20),
-                              args.shadow_rate, gate, args.quality_gate_chunks)
+                              args.shadow_rate, gate, args.quality_gate_tokens)
     model_name = hub.resolve_model(cfg.model).name
     return asyncio.run(run_server(settings, model_name, configs, shadow))
 

@@ -89,9 +89,10 @@ class Shadow:
 # ---------------------------------------------------------------- startup quality gate
 
 def run_gate(variants: list[Variant], conditions: list[Condition], loaded: list[Variant] = (),
-             chunks: int = GATE_OPTIONS.chunks) -> list[str]:
-    """Compares each quantized variant with its 16-bit reference on `chunks` chunks of the
-    built-in corpus; returns one line per variant. Raises GateFailed naming every failed
+             tokens: int = 1024) -> list[str]:
+    """Compares each quantized variant with its 16-bit reference on `tokens` scored tokens of
+    the built-in corpus (chunks of up to 256, the second half of each scored); returns one line
+    per variant. Raises GateFailed naming every failed
     condition. References already loaded (a bf16 variant, the shadow) are reused; others are
     loaded for the check and released."""
     import dataclasses
@@ -101,7 +102,8 @@ def run_gate(variants: list[Variant], conditions: list[Condition], loaded: list[
     def key(cfg):  # what decides the weights; batching and context sizes do not
         return (cfg.model, cfg.quant or "bf16", tuple(cfg.rules), cfg.device)
 
-    opts = dataclasses.replace(GATE_OPTIONS, chunks=chunks)
+    ctx = min(GATE_OPTIONS.ctx, tokens)
+    opts = dataclasses.replace(GATE_OPTIONS, ctx=ctx, chunks=max(2, 2 * tokens // ctx))
     have = {key(v.llm.config): v.llm for v in [*variants, *loaded]}
     lines, failed = [], []
     for v in variants:

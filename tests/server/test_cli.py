@@ -1,7 +1,9 @@
-"""The `nibble` command as a user runs it: real subprocesses, real default model."""
+"""The `nibble` command as a user runs it, on the real default model: real subprocesses, and
+in-process `main()` where a subprocess would only add start-up time."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -50,18 +52,20 @@ def test_generate_json_answers(default_source):
 
 
 @pytest.mark.slow
-def test_chat_reads_turns_from_stdin(default_source):
-    proc = nibble("chat", "-q", "int8", "--temperature", "0", "--max-tokens", "20",
-                  stdin="What is the capital of France?\n/reset\n/exit\n")
-    assert proc.returncode == 0, proc.stderr
-    assert "Paris" in proc.stdout
+def test_chat_reads_turns_from_stdin(default_source, monkeypatch, capsys):
+    from server.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n/reset\n/exit\n"))
+    assert main(["chat", "-q", "int8", "--temperature", "0", "--max-tokens", "20"]) == 0
+    assert "Paris" in capsys.readouterr().out
 
 
 @pytest.mark.slow
-def test_inspect_reports_formats_and_bytes(default_source):
-    proc = nibble("inspect", "-q", "int4", "-r", "self_attn\\..*=int8", "--json")
-    assert proc.returncode == 0, proc.stderr
-    data = json.loads(proc.stdout)
+def test_inspect_reports_formats_and_bytes(default_source, capsys):
+    from server.cli import main
+
+    assert main(["inspect", "-q", "int4", "-r", "self_attn\\..*=int8", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
     formats = {m["name"]: m["format"] for m in data["modules"]}
     assert formats["layers.0.self_attn.qkv_proj"] == "int8"
     assert formats["layers.0.mlp.down_proj"] == "int4"
