@@ -163,7 +163,7 @@ Measure what variant B costs against variant A (the reference) on the same token
   teacher-forced  chunks of --ctx tokens of a corpus, the second half of each scored: perplexity
                   of A and B and their ratio, KL(A||B) over the full vocabulary (mean, median,
                   p90, p99, max), top-1 agreement, RMS change of the true token's probability;
-                  95%% bootstrap intervals over chunks, paired
+                  95% bootstrap intervals over chunks, paired
   free-running    greedy outputs of both on a prompt set: identical outputs, token agreement,
                   where the first divergent token falls (median, survival curve)
   cost            decode tok/s (alternating A and B) and weight bytes of each side

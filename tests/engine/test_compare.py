@@ -96,6 +96,17 @@ def test_compare_command_writes_report_and_png(tmp_path, capsys):
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compare_help_explains_the_metrics(capsys):
+    from server.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for fragment in ("KL(A||B)", "95% bootstrap", "top-1 agreement", "survival curve",
+                     "report.png", "MODEL:QUANT", "--corpus", "--prompts"):
+        assert fragment in out, fragment
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["--b", "int5"], "int5"),
     (["--b", "no-such-model:int4"], "no-such-model"),

@@ -13,7 +13,7 @@ from tests.server.cli_helpers import assert_clean_error, nibble
 
 def test_help_lists_commands():
     out = nibble("--help").stdout
-    for cmd in ("generate", "chat", "quantize", "inspect"):
+    for cmd in ("generate", "chat", "quantize", "inspect", "serve", "compare"):
         assert cmd in out
     assert "int4-g32" in nibble("generate", "--help").stdout
 
