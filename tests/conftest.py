@@ -24,10 +24,17 @@ def default_source():
     return hub.resolve_model(DEFAULT_MODEL, progress=False)
 
 
+# KV cache of each shared LLM unless a test asks otherwise: 1 GB holds 21k tokens of the default
+# model, more than any test keeps in flight. The engine's default (16 full-length sequences, at
+# most 10% of memory) would hold 1.5 GB per cached variant, and the session caches about ten.
+TEST_KV_BYTES = 1e9
+
+
 @functools.cache
 def _llm(quant: str, **options):
     from engine import LLM
 
+    options.setdefault("kv_cache_memory", TEST_KV_BYTES)
     return LLM(DEFAULT_MODEL, quant=quant, progress=False, max_model_len=2048, **options)
 
 

@@ -149,7 +149,7 @@ def _free_port() -> int:
 def test_gate_refuses_corrupted_scales(checkpoints, caplog):
     caplog.set_level("INFO", logger="nibble")
     code = main(["serve", "--model", str(checkpoints[1]), "--port", "0",
-                 "--quality-gate", "kld<0.05", "--quality-gate-tokens", "64"])
+                 "--quality-gate", "kld<0.05", "--quality-gate-tokens", "64", "--kv-cache-memory", "3e8"])
     assert code == 3
     text = caplog.text
     assert "quality gate" in text and "FAIL" in text and "kld<0.05" in text
@@ -177,7 +177,7 @@ def test_gate_passes_a_sound_variant_and_serves(checkpoints, caplog):
 
     threading.Thread(target=stop_when_healthy, daemon=True).start()
     code = main(["serve", "--model", str(checkpoints[0]), "--port", str(port),
-                 "--quality-gate", "kld<0.05,top1>0.9", "--quality-gate-tokens", "64"])
+                 "--quality-gate", "kld<0.05,top1>0.9", "--quality-gate-tokens", "64", "--kv-cache-memory", "3e8"])
     assert code == 0
     assert seen.get("completion") == 200
     assert "-> pass" in caplog.text
