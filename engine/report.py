@@ -35,6 +35,11 @@ def module_weights(model: LlamaModel) -> list[ModuleWeights]:
     return rows
 
 
+def total_bytes(model: LlamaModel) -> int:
+    """Every byte of weights the model holds (walks every module)."""
+    return sum(r.nbytes for r in module_weights(model))
+
+
 def bytes_per_format(rows: list[ModuleWeights]) -> dict[str, int]:
     out: dict[str, int] = defaultdict(int)
     for r in rows:

@@ -212,9 +212,11 @@ def _load(model_name: str, label: str | None, cfg: EngineConfig) -> Variant:
     llm = LLM(config=cfg)
     policy = llm.loaded.policy
     label = label or (policy.describe() if not policy.rules else "custom")
-    name = label if ":" in label else f"{model_name}:{label}"
+    # a MODEL:QUANT label (a shadow reference) names its own model
+    model = label.rpartition(":")[0] if ":" in label else model_name
+    name = f"{model}:{label.rpartition(':')[2]}"
     log.info("loaded %s (%s)", name, policy.describe())
-    return Variant(name, name.rpartition(":")[0] if ":" in label else model_name, policy.describe(), llm)
+    return Variant(name, model, policy.describe(), llm)
 
 
 def prepare(model_name: str, configs: list[tuple[str | None, EngineConfig]],
@@ -222,13 +224,15 @@ def prepare(model_name: str, configs: list[tuple[str | None, EngineConfig]],
             gate_tokens: int = 1024) -> tuple[list[Variant], Variant | None]:
     """Loads the served variants and the shadow reference (reusing a served variant with the
     same config), then checks the quality gate (raises server.quality.GateFailed)."""
+    from engine.eval import weights_key
     from server.quality import run_gate
 
     variants = load_variants(model_name, configs)
     ref = None
     if shadow is not None:
         label, cfg = shadow
-        ref = next((v for v in variants if v.llm.config == cfg), None) or _load(model_name, label, cfg)
+        ref = next((v for v in variants if weights_key(v.llm.config) == weights_key(cfg)), None) \
+            or _load(model_name, label, cfg)
         log.info("shadow A/B: %s scores a sample of %s", ref.name,
                  ", ".join(v.name for v in variants if v is not ref))
     if gate:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from engine.llm import LLM
 from engine.llm_engine import EngineStats
-from engine.report import module_weights
+from engine.report import total_bytes
 from engine.sampling_params import SamplingParams
 from engine.sequence import RequestOutput
 from server.protocol import APIError, Limits
@@ -59,7 +59,7 @@ class Variant:
 
     @functools.cached_property
     def weight_bytes(self) -> int:  # walks every module: once
-        return sum(r.nbytes for r in module_weights(self.llm.model))
+        return total_bytes(self.llm.model)
 
     @property
     def max_running(self) -> int:

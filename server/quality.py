@@ -20,11 +20,17 @@ import logging
 import random
 import time
 
-from engine.eval import CompareOptions, compare, is_16bit, reference_config
+from engine.eval import CompareOptions, compare, is_16bit, reference_config, weights_key
 from engine.eval import stats as eval_stats
 from engine.eval.gate import Condition, failures
-from engine.eval.runner import SCHEMA
-from engine.eval.texts import corpus_chunks, corpus_text, load_prompts
+from engine.eval.runner import (
+    SCHEMA,
+    free_running_section,
+    side,
+    teacher_forced_section,
+    weights_section,
+)
+from engine.eval.texts import BUILTIN_PROMPTS, corpus_chunks, corpus_text, load_prompts
 from engine.sampling_params import SamplingParams
 from server.async_engine import AsyncEngine, Stream, Variant
 from server.protocol import APIError, CompareRequest, bad
@@ -71,7 +77,7 @@ class Shadow:
             else:
                 self.pending += 1
                 job = functools.partial(eval_stats.score_continuation, self.reference.llm.score,
-                                        v.llm.score, list(stream.prompt_ids), list(c.token_ids))
+                                        v.llm.score, stream.prompt_ids, list(c.token_ids))
                 self.engine.run_idle(job).add_done_callback(functools.partial(self._done, pair))
 
     def _done(self, pair: tuple[str, str], fut: asyncio.Future) -> None:
@@ -99,21 +105,19 @@ def run_gate(variants: list[Variant], conditions: list[Condition], loaded: list[
 
     from engine.llm import LLM
 
-    def key(cfg):  # what decides the weights; batching and context sizes do not
-        return (cfg.model, cfg.quant or "bf16", tuple(cfg.rules), cfg.device)
-
     ctx = min(GATE_OPTIONS.ctx, tokens)
     opts = dataclasses.replace(GATE_OPTIONS, ctx=ctx, chunks=max(2, 2 * tokens // ctx))
-    have = {key(v.llm.config): v.llm for v in [*variants, *loaded]}
+    have = {weights_key(v.llm.config): v.llm for v in [*variants, *loaded]}
     lines, failed = [], []
     for v in variants:
         if is_16bit(v.llm.config):
             lines.append(f"quality gate: {v.name} is 16-bit, nothing to check")
             continue
         ref_cfg = reference_config(v.llm.config)
-        if key(ref_cfg) not in have:
-            have[key(ref_cfg)] = LLM(config=ref_cfg, progress=False)
-        report = compare(have[key(ref_cfg)], v.llm, "16-bit", v.name, opts, progress=False).report
+        ref = have.get(weights_key(ref_cfg))
+        if ref is None:
+            ref = have[weights_key(ref_cfg)] = LLM(config=ref_cfg, progress=False)
+        report = compare(ref, v.llm, "16-bit", v.name, opts, progress=False).report
         t = report["teacher_forced"]
         line = (f"quality gate: {v.name} against {ref_cfg.model} bf16 ({t['scored_tokens']} tokens): "
                 f"kld {t['kld']['mean']:.5f} [{t['kld']['ci95'][0]:.5f}, {t['kld']['ci95'][1]:.5f}], "
@@ -153,33 +157,18 @@ async def compare_job(state, req: CompareRequest) -> dict:
     for chunk in chunks:
         per_chunk.append(await engine.run_idle(functools.partial(
             eval_stats.score_chunk, a.llm.score, b.llm.score, chunk)))
-    summary = await off_loop(eval_stats.summarize, per_chunk)
-    report = {"schema": SCHEMA, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "a": _side(a), "b": _side(b),
-              "teacher_forced": {"corpus": corpus, "ctx": req.ctx, "chunks": len(chunks), **summary},
-              "free_running": None,
-              "cost": {"a_weight_bytes": a.weight_bytes, "b_weight_bytes": b.weight_bytes,
-                       "weight_ratio_b_over_a": round(b.weight_bytes / a.weight_bytes, 4)}}
+    side_a, side_b = side(a.llm.loaded, a.name, a.weight_bytes), side(b.llm.loaded, b.name, b.weight_bytes)
+    report = {"schema": SCHEMA, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "a": side_a, "b": side_b,
+              "teacher_forced": await off_loop(teacher_forced_section, corpus, req.ctx, per_chunk),
+              "free_running": None, "cost": weights_section(side_a, side_b)}
     if req.free_running:
-        source = req.prompts or list(_builtin_prompts())
+        source = req.prompts or list(BUILTIN_PROMPTS[:COMPARE_PROMPTS])
         prompts = await off_loop(load_prompts, a.tokenizer, source)
         outs = await _greedy(engine, (a, b), [p.ids for p in prompts], req.max_tokens)
-        report["free_running"] = {"max_tokens": req.max_tokens,
-                                  "prompt_set": "request" if req.prompts else "builtin",
-                                  **eval_stats.compare_outputs(*outs)}
+        report["free_running"] = free_running_section(outs, req.max_tokens,
+                                                      "request" if req.prompts else "builtin")
     report["seconds"] = round(time.perf_counter() - start, 2)
     return report
-
-
-def _builtin_prompts() -> tuple[str, ...]:
-    from engine.eval.texts import BUILTIN_PROMPTS
-
-    return BUILTIN_PROMPTS[:COMPARE_PROMPTS]
-
-
-def _side(v: Variant) -> dict:
-    return {"label": v.name, "model": v.llm.loaded.source.name, "policy": v.quantization,
-            "weight_bytes": v.weight_bytes}
 
 
 def _pair(state, req: CompareRequest) -> tuple[Variant, Variant]:

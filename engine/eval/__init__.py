@@ -12,7 +12,7 @@ from engine.eval.gate import parse_gate
 from engine.eval.runner import CompareOptions, Comparison, compare, format_table
 
 __all__ = ["CompareOptions", "Comparison", "compare", "format_table", "is_16bit", "parse_gate",
-           "reference_config"]
+           "reference_config", "weights_key"]
 
 
 def reference_config(cfg: EngineConfig) -> EngineConfig:
@@ -32,6 +32,12 @@ def reference_config(cfg: EngineConfig) -> EngineConfig:
                               "cannot be found here; the 16-bit reference is unknown") from None
         model = recorded
     return dataclasses.replace(cfg, model=model, quant="bf16", rules=())
+
+
+def weights_key(cfg: EngineConfig) -> tuple:
+    """What decides a config's weights (model, format, rules, device); batching and cache sizes
+    do not. Two configs with the same key can stand in for each other in a comparison."""
+    return (cfg.model, cfg.quant or "bf16", tuple(cfg.rules), cfg.device)
 
 
 def is_16bit(cfg: EngineConfig) -> bool:

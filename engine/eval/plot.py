@@ -10,12 +10,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+
+if TYPE_CHECKING:  # matplotlib loads on the first plot, not with engine.eval (the server imports it)
+    from matplotlib.axes import Axes
 
 FIGSIZE = (11.0, 8.0)
 DPI = 110
@@ -37,6 +37,9 @@ class PlotData:
 
 def write_png(path: str | Path, data: PlotData) -> Path:
     """Draw `data` as a 2x2 figure into `path`, creating its parent directory; returns the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Fixed margins rather than a layout engine: the size never changes, and it draws once, not twice.
@@ -113,6 +116,8 @@ def _dp_panel(ax: Axes, dp: np.ndarray) -> None:
     lim = 0.01 if lim == 0 else min(1.0, max(lim * 1.05, 1e-3))
     ax.hist(dp, bins=np.linspace(-lim, lim, DP_BINS + 1), color="tab:orange", alpha=0.8, log=True)
     ax.set_xlim(-lim, lim)
+    from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(nbins=6, symmetric=True))
     ax.axvline(0.0, color="0.4", linewidth=0.8)
     ax.set_xlabel("Δp")
@@ -144,6 +149,8 @@ def _running_panel(ax: Axes, chunks: np.ndarray) -> None:
     if n <= 12:
         ax.set_xticks(range(1, n + 1))
     else:
+        from matplotlib.ticker import MaxNLocator
+
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("chunks so far")
     ax.set_ylabel("mean KLD (nats)")

@@ -21,7 +21,7 @@ from engine.eval.plot import PlotData
 from engine.eval.texts import BUILTIN, corpus_chunks, corpus_text, load_prompts
 from engine.machine import machine_info
 from engine.progress import counter
-from engine.report import module_weights
+from engine.report import total_bytes
 from engine.sampling_params import SamplingParams
 
 SCHEMA = "nibble.compare/1"
@@ -66,8 +66,7 @@ def compare(a, b, label_a: str, label_b: str, opts: CompareOptions | None = None
         for chunk in chunks:
             per_chunk.append(stats.score_chunk(a.score, b.score, chunk))
             bar.update(1)
-        teacher = {"corpus": corpus_name, "ctx": opts.ctx, "chunks": len(chunks),
-                   **stats.summarize(per_chunk)}
+        teacher = teacher_forced_section(corpus_name, opts.ctx, per_chunk)
         free = None
         if prompts:
             params = SamplingParams(max_tokens=opts.max_tokens, temperature=0.0)
@@ -75,16 +74,16 @@ def compare(a, b, label_a: str, label_b: str, opts: CompareOptions | None = None
             for llm in (a, b):
                 outs.append([o.token_ids for o in llm.generate([p.ids for p in prompts], params)])
                 bar.update(1)
-            free = {"max_tokens": opts.max_tokens, "prompt_set": _name(opts.prompts),
-                    **stats.compare_outputs(*outs)}
-        cost = _cost(a, b, prompts[0].ids if prompts else chunks[0][:64], opts, bar) if opts.cost else None
-    report = {
-        "schema": SCHEMA, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "a": _side(a, label_a), "b": _side(b, label_b),
-        "teacher_forced": teacher, "free_running": free, "cost": cost,
-        "seconds": round(time.perf_counter() - start, 1), "machine": machine_info(),
-        "options": {k: v for k, v in asdict(opts).items() if k != "prompts"},
-    }
+            free = free_running_section(outs, opts.max_tokens, _name(opts.prompts))
+        side_a = side(a.loaded, label_a, total_bytes(a.model))
+        side_b = side(b.loaded, label_b, total_bytes(b.model))
+        cost = weights_section(side_a, side_b)
+        if opts.cost:
+            cost = {**_speed(a, b, prompts[0].ids if prompts else chunks[0][:64], opts, bar), **cost}
+    report = {"schema": SCHEMA, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "a": side_a, "b": side_b,
+              "teacher_forced": teacher, "free_running": free, "cost": cost if opts.cost else None,
+              "seconds": round(time.perf_counter() - start, 1), "machine": machine_info(),
+              "options": {k: v for k, v in asdict(opts).items() if k != "prompts"}}
     plot = PlotData(label_a, label_b, torch.cat([c.kld for c in per_chunk]).tolist(),
                     torch.cat([c.dp for c in per_chunk]).tolist(),
                     [c.kld.mean().item() for c in per_chunk],
@@ -96,16 +95,29 @@ def _name(prompts: str | list[str]) -> str:
     return "request" if isinstance(prompts, list) else prompts
 
 
-def _side(llm, label: str) -> dict:
-    return {"label": label, "model": llm.loaded.source.name, "policy": llm.loaded.policy.describe(),
-            "weight_bytes": weight_bytes(llm)}
+# The report's sections, shared with the server's POST /v1/compare.
+
+def side(loaded, label: str, weight_bytes: int) -> dict:
+    """One side of a report; `loaded` is the LLM's engine.build.Loaded."""
+    return {"label": label, "model": loaded.source.name, "policy": loaded.policy.describe(),
+            "weight_bytes": weight_bytes}
 
 
-def weight_bytes(llm) -> int:
-    return sum(r.nbytes for r in module_weights(llm.model))
+def teacher_forced_section(corpus: str, ctx: int, per_chunk: list[stats.TokenStats]) -> dict:
+    return {"corpus": corpus, "ctx": ctx, "chunks": len(per_chunk), **stats.summarize(per_chunk)}
 
 
-def _cost(a, b, prompt: list[int], opts: CompareOptions, bar) -> dict:
+def free_running_section(outs: list[list[list[int]]], max_tokens: int, prompt_set: str) -> dict:
+    """outs: [A's outputs, B's outputs], one token list per prompt."""
+    return {"max_tokens": max_tokens, "prompt_set": prompt_set, **stats.compare_outputs(*outs)}
+
+
+def weights_section(side_a: dict, side_b: dict) -> dict:
+    wa, wb = side_a["weight_bytes"], side_b["weight_bytes"]
+    return {"a_weight_bytes": wa, "b_weight_bytes": wb, "weight_ratio_b_over_a": round(wb / wa, 4)}
+
+
+def _speed(a, b, prompt: list[int], opts: CompareOptions, bar) -> dict:
     """Single-stream decode speed of each side, alternating A and B so that machine load hits
     both alike; tok/s = new tokens / wall time of the call (prefill included)."""
     params = SamplingParams(max_tokens=opts.speed_tokens, temperature=0.0, ignore_eos=True)
@@ -117,12 +129,10 @@ def _cost(a, b, prompt: list[int], opts: CompareOptions, bar) -> dict:
             times[key].append(opts.speed_tokens / (time.perf_counter() - t0))
             bar.update(1)
     tok_a, tok_b = statistics.median(times["a"]), statistics.median(times["b"])
-    wa, wb = weight_bytes(a), weight_bytes(b)
     return {"decode_tokens": opts.speed_tokens, "rounds": opts.speed_rounds,
             "prompt_tokens": len(prompt),
             "a_decode_tok_s": round(tok_a, 2), "b_decode_tok_s": round(tok_b, 2),
-            "speedup_b_over_a": round(tok_b / tok_a, 3),
-            "a_weight_bytes": wa, "b_weight_bytes": wb, "weight_ratio_b_over_a": round(wb / wa, 4)}
+            "speedup_b_over_a": round(tok_b / tok_a, 3)}
 
 
 def format_table(report: dict) -> str:
