@@ -37,6 +37,8 @@ class ServerSettings:
     port: int = 8000
     api_key: str | None = None
     max_queued: int = 64  # per variant, beyond its running batch; more get 429
+    # seconds from arrival to the first token, else 429 before any byte is sent; None: no limit
+    queue_timeout: float | None = None
     shutdown_timeout: float = 30.0
     max_body_bytes: int = 8 * 2**20
     shadow_rate: float = 0.1  # fraction of finished completions the shadow reference scores

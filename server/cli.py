@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(insp)
     _serve_parser(sub)
     _compare_parser(sub)
+    _bench_parser(sub)
     return parser
 
 
@@ -130,6 +131,10 @@ def _serve_parser(sub) -> None:
     g.add_argument("--max-queued", type=int, default=64, help="requests that may wait per "
                    "variant beyond its running batch (--max-num-seqs); more get 429 with "
                    "Retry-After at once (default 64)")
+    g.add_argument("--queue-timeout", type=float, default=0.0, metavar="SECONDS", help="a request "
+                   "whose first token has not come SECONDS after it arrived is dropped and gets "
+                   "429, before any byte of the response is sent: under overload the excess is "
+                   "refused instead of waiting past a TTFT target (default 0: no limit)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight "
                    "requests get to finish after SIGTERM before they are aborted (default 30)")
     g.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body; larger "
@@ -205,10 +210,93 @@ def _compare_parser(sub) -> None:
     cmp.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
 
 
+BENCH_DESCRIPTION = """\
+Load-test OpenAI-compatible servers with locust (headless) and report throughput, time to first
+token (TTFT), inter-token latency (ITL), goodput under an SLO, errors and server memory. The
+targets are nibble servers this command starts, one after another (--quant bf16,int4: one per
+variant), or running servers at --url (nibble, vLLM, llama.cpp's server, TGI: measured the same
+way). Several targets go side by side in one report.
+
+Profiles:
+  steady    --users N closed-loop users (default 4), or --rate R Poisson arrivals per second,
+            for --duration seconds (default 60)
+  ramp      Poisson stages of --duration seconds (default 30) from --ramp-start req/s, times
+            --ramp-factor each stage, until good/sent falls below the SLO's goodput_ratio;
+            --refine bisections follow. Capacity: the highest rate that held
+  overload  2x the capacity (--capacity, or a ramp first) for --duration seconds (default 60):
+            the excess should get 429, the accepted requests should meet the SLO, no 5xx
+  soak      a steady run of --duration seconds (default 600): the server's memory growth and
+            the KV-cache blocks not returned once it is idle
+
+A request is good when it succeeds with TTFT and mean ITL within the SLO; the SLO passes when
+p99 TTFT and p99 ITL are within it and no request failed except by 429. The SLO file (TOML:
+ttft_p99_ms, itl_p99_ms, goodput_ratio, max_rss_growth_mb) defaults to the preset slo-cpu.
+Client numbers are checked against the server's /metrics (generated tokens, mean TTFT); a
+disagreement is printed. Writes report.json, report.png and one JSON line per request to --out.
+Exit status: 0 when every target passes, 1 when one fails, 2 for a usage error.
+
+  nibble bench serve --quant bf16,int4 --profile ramp
+  nibble bench serve --url http://127.0.0.1:8000 --profile steady --rate 1 --duration 120
+  nibble bench serve --quant int4 --profile overload --capacity 1.2 \\
+      --server-args '--max-num-seqs 8 --max-queued 2'"""
+
+
+def _bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks of a running service (bench serve)",
+                           description="Benchmarks. `nibble bench serve --help` for the load test.")
+    kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="KIND")
+    p = kinds.add_parser("serve", help="load-test OpenAI-compatible servers (locust profiles, "
+                         "SLO, goodput)", description=BENCH_DESCRIPTION,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    t = p.add_argument_group("targets (--url, or nibble servers started here)")
+    t.add_argument("--url", action="append", default=[], help="base URL of a running "
+                   "OpenAI-compatible server; repeatable")
+    t.add_argument("--served-model", action="append", default=[], metavar="NAME", help="model "
+                   "name to send, one per --url or one for all (default: the first of /v1/models)")
+    t.add_argument("--label", action="append", default=[], help="name of each target in the "
+                   "report, in order (default: the variant, or host:port)")
+    t.add_argument("--model", "-m", default="smollm2-135m", help="model of the started servers "
+                   "(default smollm2-135m)")
+    t.add_argument("--quant", "-q", help="variants to start one server each for, comma-separated "
+                   "(default int4 when no --url)")
+    t.add_argument("--config", "-c", metavar="FILE", help="config file or preset for the "
+                   "started servers")
+    t.add_argument("--server-args", default="", metavar="ARGS", help="more `nibble serve` flags "
+                   "for the started servers, e.g. '--max-num-seqs 8 --max-queued 2'")
+    g = p.add_argument_group("load")
+    g.add_argument("--profile", choices=["steady", "ramp", "overload", "soak"], default="steady",
+                   help="default steady")
+    g.add_argument("--users", type=int, default=0, help="closed-loop users (steady, soak)")
+    g.add_argument("--rate", type=float, default=0.0, help="Poisson arrivals per second (steady, soak)")
+    g.add_argument("--duration", type=float, help="seconds of sending per run or ramp stage")
+    g.add_argument("--drain", type=float, default=120.0, help="seconds the requests in flight "
+                   "get to finish after sending stops (default 120)")
+    g.add_argument("--ramp-start", type=float, default=0.25, help="first ramp rate, req/s (default 0.25)")
+    g.add_argument("--ramp-factor", type=float, default=1.5, help="rate multiplier per stage (default 1.5)")
+    g.add_argument("--ramp-stages", type=int, default=8, help="stages at most (default 8)")
+    g.add_argument("--refine", type=int, default=1, help="bisection stages after the ramp (default 1)")
+    g.add_argument("--capacity", type=float, help="overload: the capacity in req/s (skips the ramp)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    w = p.add_argument_group("requests")
+    w.add_argument("--api", choices=["chat", "completions", "mixed"], default="chat", help="default chat")
+    w.add_argument("--prompts", choices=["short", "medium", "long", "mixed"], default="short",
+                   help="built-in prompt set (default short)")
+    w.add_argument("--max-tokens", type=int, default=64, help="output tokens per request, with "
+                   "ignore_eos (default 64)")
+    w.add_argument("--api-key", default=os.environ.get("NIBBLE_API_KEY", ""),
+                   help="Bearer key to send (default: $NIBBLE_API_KEY)")
+    p.add_argument("--slo", default="slo-cpu", metavar="FILE", help="SLO TOML file or preset "
+                   "(default slo-cpu)")
+    p.add_argument("--out", "-o", type=Path, help="report directory (default ./nibble-bench-PROFILE)")
+    p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """Config file first, flags on top; unknown keys and bad values fail here."""
     if args.command == "compare":  # each side builds its own (server/commands.py)
         return EngineConfig(model=args.model, device=args.device, threads=args.threads)
+    if args.command == "bench":  # the servers it starts read their own flags
+        return EngineConfig()
     data = read_config(args.config) if args.config else {}
     flags = {"model": args.model, "quant": args.quant, "device": args.device,
              "max_model_len": args.max_model_len, "threads": args.threads, "seed": args.seed}
@@ -236,25 +324,33 @@ def _file_rules(rules) -> list[str]:
 
 
 def is_config_name(name: str) -> bool:
-    """A TOML file or the name of a preset in configs/."""
+    """A TOML file or the name of an engine preset in configs/."""
     if name.endswith(".toml"):
         return True
-    return name != "models" and (resources.files("configs") / f"{name}.toml").is_file()
+    return name in presets()
 
 
-def read_config(name: str) -> dict:
+def presets(kind: str = "config") -> list[str]:
+    """Names of the TOML presets in configs/: engine configs, or (kind "slo") the SLO files of
+    `nibble bench serve`, whose names start with slo-."""
+    return sorted(p.name[:-5] for p in resources.files("configs").iterdir()
+                  if p.name.endswith(".toml") and p.name != "models.toml"
+                  and p.name.startswith("slo-") == (kind == "slo"))
+
+
+def read_config(name: str, kind: str = "config") -> dict:
+    """A TOML file, or a preset of `kind` from configs/ by name."""
     path = Path(name)
     if not path.exists():
-        preset = resources.files("configs") / f"{name.removesuffix('.toml')}.toml"
-        if not preset.is_file():
-            names = sorted(p.name[:-5] for p in resources.files("configs").iterdir()
-                           if p.name.endswith(".toml") and p.name != "models.toml")
-            raise ConfigError(f"config {name!r} is neither a file nor a preset; presets: {', '.join(names)}")
-        return tomllib.loads(preset.read_text())
+        stem = name.removesuffix(".toml")
+        if stem not in presets(kind):
+            raise ConfigError(f"{kind} {name!r} is neither a file nor a preset; presets: "
+                              f"{', '.join(presets(kind))}")
+        path = resources.files("configs") / f"{stem}.toml"
     try:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        raise ConfigError(f"{name}: not valid TOML ({exc})") from None
 
 
 def _show_engine_log() -> None:

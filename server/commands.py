@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -14,7 +15,7 @@ from engine.sampling_params import SamplingParams
 
 def run(args: argparse.Namespace, cfg: EngineConfig) -> int:
     return {"serve": serve, "generate": generate, "chat": chat, "quantize": quantize,
-            "inspect": inspect, "compare": compare}[args.command](args, cfg)
+            "inspect": inspect, "compare": compare, "bench": bench}[args.command](args, cfg)
 
 
 def serve(args: argparse.Namespace, cfg: EngineConfig) -> int:
@@ -42,13 +43,16 @@ def serve(args: argparse.Namespace, cfg: EngineConfig) -> int:
                             ("--quality-gate-tokens", args.quality_gate_tokens,
                              args.quality_gate_tokens >= 16),
                             ("--max-queued", args.max_queued, args.max_queued >= 0),
+                            ("--queue-timeout", args.queue_timeout, args.queue_timeout >= 0),
                             ("--shutdown-timeout", args.shutdown_timeout, args.shutdown_timeout >= 0),
                             ("--max-body-mb", args.max_body_mb, args.max_body_mb > 0)):
         if not ok:
             raise ConfigError(f"{name} {value} is out of range")
-    settings = ServerSettings(args.host, args.port, args.api_key or None, args.max_queued,
-                              args.shutdown_timeout, int(args.max_body_mb * 2**20),
-                              args.shadow_rate, gate, args.quality_gate_tokens)
+    settings = ServerSettings(
+        host=args.host, port=args.port, api_key=args.api_key or None, max_queued=args.max_queued,
+        queue_timeout=args.queue_timeout or None, shutdown_timeout=args.shutdown_timeout,
+        max_body_bytes=int(args.max_body_mb * 2**20), shadow_rate=args.shadow_rate,
+        quality_gate=gate, quality_gate_tokens=args.quality_gate_tokens)
     model_name = hub.resolve_model(cfg.model).name
     return asyncio.run(run_server(settings, model_name, configs, shadow))
 
@@ -251,3 +255,71 @@ def _safe(label: str) -> str:
     import re
 
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label)
+
+
+def bench(args: argparse.Namespace, cfg: EngineConfig) -> int:
+    """`nibble bench serve`: every usage mistake is exit 2 before any server starts."""
+    import shlex
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    from loadtests import bench as lt
+    from loadtests.report import SLO, table
+
+    try:
+        slo = SLO.load(args.slo)
+        opts = lt.Options(profile=args.profile, users=args.users, rate=args.rate,
+                          duration=args.duration, drain=args.drain, ramp_start=args.ramp_start,
+                          ramp_factor=args.ramp_factor, ramp_stages=args.ramp_stages,
+                          refine=args.refine, capacity=args.capacity, seed=args.seed,
+                          workload=lt.Workload(args.api, args.prompts, args.max_tokens,
+                                               args.api_key or ""), slo=slo)
+        opts.check()
+        lt.check_locust()
+        server_args = shlex.split(args.server_args)
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(str(exc)) from None
+    for url in args.url:
+        if urlparse(url).scheme not in ("http", "https") or not urlparse(url).netloc:
+            raise ConfigError(f"--url {url!r}: give a base URL such as http://127.0.0.1:8000")
+    if len(args.served_model) > 1 and len(args.served_model) != len(args.url):
+        raise ConfigError("give one --served-model for all --url targets, or one per --url")
+    quants = [q.strip() for q in args.quant.split(",")] if args.quant else ([] if args.url else ["int4"])
+    if not all(quants):
+        raise ConfigError(f"--quant {args.quant!r}: comma-separated variants, e.g. bf16,int4")
+    names = [urlparse(u).netloc for u in args.url] + quants
+    if len(args.label) > len(names):
+        raise ConfigError(f"{len(args.label)} --label for {len(names)} targets")
+    labels = _distinct(args.label + names[len(args.label):])
+    targets: list = []
+    for i, url in enumerate(args.url):
+        model = (args.served_model[i] if len(args.served_model) > 1
+                 else args.served_model[0] if args.served_model else "")
+        targets.append(lt.Target(labels[i], url.rstrip("/"), model))
+    for label, q in zip(labels[len(args.url):], quants, strict=True):
+        flags = ["--model", args.model, "--quant", q]
+        flags += ["--config", args.config] if args.config else []
+        flags += ["--api-key", args.api_key] if args.api_key else []
+        targets.append((label, flags + server_args))
+    out = args.out or Path(f"nibble-bench-{args.profile}")
+    say = functools.partial(print, file=sys.stderr, flush=True)
+    try:
+        doc = lt.run(targets, opts, out, say)
+    except RuntimeError as exc:
+        print(f"nibble: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        print(table(doc["targets"]))
+        print(f"report: {out / 'report.json'}, {out / 'report.png'}")
+    return 0 if doc["pass"] else 1
+
+
+def _distinct(labels: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label}-{seen[label]}")
+    return out

@@ -7,7 +7,13 @@ thread's last snapshot when /metrics is scraped.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LABELS = ("model", "quantization")
@@ -60,6 +66,8 @@ class Metrics:
             "failed).", (*SHADOW_LABELS, "outcome"), registry=r)
         self.engine = None
         r.register(_EngineCollector(self))
+        # process_resident_memory_bytes, CPU seconds, open files: what load tests watch
+        ProcessCollector(registry=r)
 
     def watch(self, engine) -> None:
         """Reads the engine's stats from now on; every variant's series start at 0, so a

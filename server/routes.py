@@ -111,15 +111,23 @@ class Routes:
                 streams.append(engine.submit(v, ids, req.params, sink, tag, prompt=text,
                                              arrival=arrival))
             prompt_tokens = sum(len(ids) for ids, _ in prompts)
+            outputs = _Outputs(sink, self.state.settings.queue_timeout, arrival)
+            # nothing is sent before the first output, so a request that cannot start in time
+            # is still refused with a status
+            first = await outputs.get()
             if req.stream:
-                return await self._stream(request, render, sink, choices, len(prompts), prompt_tokens)
-            finals = {}
-            while len(finals) < len(prompts):
-                tag, out = await sink.get()
+                return await self._stream(request, render, outputs, first, choices, len(prompts),
+                                          prompt_tokens)
+            finals, item = {}, first
+            while True:
+                tag, out = item
                 if isinstance(out, Exception):
                     raise _engine_error(out)
                 if out.finished:
                     finals[tag] = out
+                if len(finals) == len(prompts):
+                    break
+                item = await outputs.get()
             done = [(choices[(tag, c.index)], c, out) for tag, out in finals.items() for c in out.outputs]
             body = render.body(done, usage(prompt_tokens, _completion_tokens(req, finals.values())))
             return web.json_response(body, dumps=_dumps)
@@ -127,15 +135,15 @@ class Routes:
             for s in streams:
                 engine.abort(s)  # a no-op for finished requests
 
-    async def _stream(self, request: web.Request, render: Renderer, sink: asyncio.Queue,
+    async def _stream(self, request: web.Request, render: Renderer, outputs: _Outputs, first,
                       choices: dict, num_prompts: int, prompt_tokens: int) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         await resp.prepare(request)
-        finals = {}
+        finals, item = {}, first
         try:
-            while len(finals) < num_prompts:
-                tag, out = await sink.get()
+            while True:
+                tag, out = item
                 if isinstance(out, Exception):
                     raise _engine_error(out)
                 for c in out.outputs:
@@ -143,6 +151,9 @@ class Routes:
                         await resp.write(_event(chunk))
                 if out.finished:
                     finals[tag] = out
+                if len(finals) == num_prompts:
+                    break
+                item = await outputs.get()
             if render.req.include_usage:
                 tokens = _completion_tokens(render.req, finals.values())
                 await resp.write(_event(render.usage_chunk(usage(prompt_tokens, tokens))))
@@ -204,6 +215,27 @@ class Routes:
         if self.state.phase != "ready":
             self._variant(None)  # the 503 of a server that is not ready
         return web.json_response(await compare_job(self.state, req))
+
+
+class _Outputs:
+    """A request's (tag, output) items from the engine. The first must come within
+    `queue_timeout` seconds of the request's arrival, else 429 (the caller aborts the request)."""
+
+    def __init__(self, sink: asyncio.Queue, queue_timeout: float | None, arrival: float):
+        self.sink = sink
+        self.deadline = None if queue_timeout is None else arrival + queue_timeout
+
+    async def get(self):
+        if self.deadline is None:
+            return await self.sink.get()
+        try:
+            async with asyncio.timeout(max(0.0, self.deadline - time.perf_counter())):
+                item = await self.sink.get()
+        except TimeoutError:
+            raise APIError(429, "the server could not start this request within its queue "
+                           "timeout; retry shortly", code="queue_timeout") from None
+        self.deadline = None
+        return item
 
 
 def _encode_prompts(tokenizer, prompts: list[str | list[int]], echo: bool):

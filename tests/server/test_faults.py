@@ -107,6 +107,34 @@ def test_overload_is_answered_429_at_once(live, llm):
     assert live.http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
 
+def test_queue_timeout_refuses_what_cannot_start_in_time(llm):
+    """With --queue-timeout, a request whose first token cannot come in time gets 429 (code
+    queue_timeout) instead of a late stream: the full batch here never frees a slot."""
+    timeout = 2.0
+    live = LiveServer([variant(llm, "int4")], queue_timeout=timeout)
+    body = {"prompt": "Count slowly:", "max_tokens": 1000, "ignore_eos": True}
+    held = []
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            held = list(pool.map(lambda i: _open_stream(live, {**body, "seed": i}),
+                                 range(llm.config.max_num_seqs)))
+        for stream in (False, True):
+            t = time.perf_counter()
+            r = live.http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2,
+                                                        "stream": stream})
+            waited = time.perf_counter() - t
+            assert r.status_code == 429, r.text  # a status, not a stream with an error event
+            assert r.json()["error"]["code"] == "queue_timeout" and r.headers["retry-after"] == "1"
+            assert waited >= timeout
+        # the refused requests left the engine: only the held ones are in flight
+        _wait_for(lambda: live.engine.in_flight() == len(held), what="the refused to be aborted")
+    finally:
+        for s in held:
+            _slam(s)
+        _wait_for(lambda: live.engine.in_flight() == 0, what="the held requests to be aborted")
+        live.stop()
+
+
 def test_16_concurrent_streams_get_complete_correct_answers(client):
     prompts = [f"Question {i}: what is {i} plus {i}? Answer:" for i in range(16)]
     kw = dict(model="smollm2-135m", max_tokens=20, temperature=0)

@@ -1,0 +1,79 @@
+"""`nibble bench serve` against a live nibble server on loopback: a short soak (closed-loop
+users) reports real, non-zero numbers with zero errors, the client's tokens equal the server's,
+and every KV block comes back; the overload profile (Poisson arrivals past what the server
+admits) gets 429s and no 5xx, and the requests it accepted meet their SLO."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server.cli import main
+from tests.server.live import LiveServer, variant
+
+pytestmark = pytest.mark.slow
+MAX_TOKENS = 8
+
+
+@pytest.fixture
+def server(llm_factory, request):
+    live = LiveServer([variant(llm_factory("int4", batch_invariant=True), "int4")],
+                      **getattr(request, "param", {}))
+    yield live
+    live.stop()
+
+
+def _bench(server, tmp_path, capsys, *flags: str) -> tuple[int, dict, str]:
+    slo = tmp_path / "slo.toml"
+    # loose limits: 2 shared cores run the server, locust and the test at once
+    slo.write_text("ttft_p99_ms = 20000\nitl_p99_ms = 5000\ngoodput_ratio = 0.9\n")
+    out = tmp_path / "report"
+    code = main(["bench", "serve", "--url", server.url, "--label", "int4", "--slo", str(slo),
+                 "--max-tokens", str(MAX_TOKENS), "--drain", "60", "--out", str(out), *flags])
+    return code, json.loads((out / "report.json").read_text()), capsys.readouterr().out
+
+
+def test_soak_reports_real_numbers_and_returns_every_block(server, tmp_path, capsys):
+    generated = server.metric("nibble_generation_tokens_total")
+    code, doc, table = _bench(server, tmp_path, capsys, "--profile", "soak", "--users", "2",
+                              "--duration", "4", "--api", "mixed")
+    assert code == 0 and doc["schema"] == "nibble.bench-serve/1" and doc["pass"]
+    (t,) = doc["targets"]
+    s = t["summary"]
+    assert s["requests"]["sent"] >= 2 and s["requests"]["ok"] == s["requests"]["sent"]
+    assert s["requests"]["by_status"] == {"200": s["requests"]["sent"]}
+    assert s["throughput"]["output_tokens"] == MAX_TOKENS * s["requests"]["ok"]
+    assert s["throughput"]["output_tokens_per_s"] > 0 and s["throughput"]["requests_per_s"] > 0
+    assert 0 < s["ttft_ms"]["p50"] <= s["ttft_ms"]["p99"] < s["e2e_ms"]["p99"]
+    assert 0 < s["itl_ms"]["p50"] <= s["itl_ms"]["p99"]
+    # warm-up aside, the server generated exactly the tokens the client counted: the run
+    # drains its last requests instead of cutting them
+    warmup = 2 * MAX_TOKENS
+    served = server.metric("nibble_generation_tokens_total") - generated - warmup
+    assert t["cross_check"]["agree"] and t["cross_check"]["tokens"]["client"] == served
+    assert t["soak"]["kv_blocks_not_returned"] == 0 and t["soak"]["kv_blocks_total"] > 0
+    assert t["memory"]["peak_rss_mb"] > 100 and len(t["memory"]["samples"]) >= 2
+    assert sum(t["series"]["tokens_per_s"]) > 0
+    assert "TTFT p50 / p99" in table and "PASS" in table
+    png = tmp_path / "report" / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = (tmp_path / "report" / t["stages"][0]["records_file"]).read_text().splitlines()
+    assert len(lines) == s["requests"]["sent"]
+
+
+@pytest.mark.parametrize("server", [{"max_queued": 0}], indirect=True)
+def test_overload_refuses_the_excess_with_429_and_no_5xx(server, tmp_path, capsys):
+    """16 may run and none may wait: Poisson arrivals at 2 x 12 req/s for 4 s overflow it."""
+    assert 'status="429"' not in server.http.get("/metrics").text  # a fresh server: none yet
+    code, doc, table = _bench(server, tmp_path, capsys, "--profile", "overload", "--capacity",
+                              "12", "--duration", "4")
+    (t,) = doc["targets"]
+    req = t["summary"]["requests"]
+    assert t["overload"]["rate"] == 24
+    assert req["refused_429"] > 0 and req["server_errors_5xx"] == 0 and req["other_errors"] == 0
+    assert req["ok"] > 0 and set(req["by_status"]) == {"200", "429"}
+    assert server.metric("nibble_http_requests_total", status="429") == req["refused_429"]
+    # what was accepted met the SLO, so the run passes
+    assert t["checks"]["no_5xx"] and t["summary"]["slo"]["pass"] and code == 0
+    assert max(t["series"]["refused_per_s"]) > 0
