@@ -17,6 +17,7 @@ reports' PNGs beside it.
 
     python benchmarks/load.py                       # bf16 and int4, about 25 minutes on 2 cores
     python benchmarks/load.py --quants int4 --duration 20 --overload-server-args '--max-queued 4'
+    python benchmarks/load.py --markdown benchmarks/results/load-2026-11-23.json   # README tables
 """
 
 from __future__ import annotations
@@ -35,10 +36,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _ms(d: dict) -> str:
+    return " / ".join(f"{d[q] / 1000:.2f} s" if d[q] >= 1000 else f"{d[q]:.0f} ms" for q in ("p50", "p99"))
+
+
+def markdown(result: dict) -> str:
+    """The README's tables, from a results file."""
+    lines = ["| variant | capacity (goodput >= 90%) | output tok/s | TTFT p50 / p99 | ITL p50 / p99 "
+             "| next stage: rate, good | server peak RSS |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for t in result["ramp"]["targets"]:
+        s, above = t["summary"], [st for st in t["stages"] if st["rate"] > t["capacity_rps"]]
+        nxt = min(above, key=lambda st: st["rate"]) if above else None
+        nxt = f"{nxt['rate']:.2f} req/s, {100 * nxt['summary']['goodput']['ratio']:.0f}%" if nxt else "-"
+        lines.append(f"| {t['label']} | {t['capacity_rps']:.2f} req/s | "
+                     f"{s['throughput']['output_tokens_per_s']:.1f} | {_ms(s['ttft_ms'])} | "
+                     f"{_ms(s['itl_ms'])} | {nxt} | {t['memory']['peak_rss_mb']:.0f} MB |")
+    if "overload" not in result:
+        return "\n".join(lines)
+    lines += ["", "| server | sent | 200 | 429 | 5xx | TTFT p50 / p99 | ITL p50 / p99 | goodput | SLO |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for t in result["overload"]["targets"]:
+        s, r = t["summary"], t["summary"]["requests"]
+        lines.append(f"| {t['label']} | {r['sent']} | {r['ok']} | {r['refused_429']} | "
+                     f"{r['server_errors_5xx']} | {_ms(s['ttft_ms'])} | {_ms(s['itl_ms'])} | "
+                     f"{s['goodput']['requests_per_s']:.2f} req/s ({100 * s['goodput']['ratio']:.0f}%) | "
+                     f"{'pass' if t['pass'] else 'fail'} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     from loadtests import bench
     from loadtests.report import SLO, table
 
+    if sys.argv[1:2] == ["--markdown"]:
+        print(markdown(json.loads(Path(sys.argv[2]).read_text())))
+        return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--quants", default="bf16,int4", help="variants ramped side by side")

@@ -366,8 +366,7 @@ def profile(target: Target, opts: Options, out: Path, say) -> dict:
         if not summary["requests"]["refused_429"]:
             result["notes"].append("no request was refused with 429: the server queued the excess")
     memory = [m for s in stages for m in s["memory"]]
-    result["memory"] = {"peak_rss_mb": round(max(mb for _, mb in memory), 1) if memory else None,
-                        "samples": [(round(t, 2), round(mb, 1)) for t, mb in memory]}
+    result["memory"] = {"peak_rss_mb": round(max(mb for _, mb in memory), 1) if memory else None}
     if opts.profile == "soak":
         result["soak"] = soak_findings(main, opts.slo)
         checks["kv_blocks_returned"] = result["soak"].get("kv_blocks_not_returned", 0) == 0
@@ -378,28 +377,35 @@ def profile(target: Target, opts: Options, out: Path, say) -> dict:
     origin = min((r["start"] for r in records), default=0.0)
     span = max((r["end"] for r in records), default=origin) - origin
     result["series"] = report.series(records, origin, bucket=max(1.0, round(span / 40)))
-    result["series"]["memory"] = [(round(t - origin, 2), mb) for t, mb in result["memory"]["samples"]]
+    result["series"]["memory"] = [(round(t - origin, 2), round(mb, 1)) for t, mb in memory]
     result["stages"] = [{k: v for k, v in s.items() if k not in ("records", "memory", "metrics_before",
                                                                   "metrics_after")} for s in stages]
     return result
 
 
 def soak_findings(stage: dict, slo: SLO) -> dict:
-    """Host memory growth of the server over the soak (median of the last tenth of the samples
-    against the first tenth, and a least-squares slope) and KV blocks still taken once idle."""
+    """Host memory of the server over the soak: the growth over the whole run (median of the
+    last tenth of the samples against the first tenth) and over its second half, with the
+    second half's least-squares slope: a warming server grows at first and then stays flat,
+    a leak keeps the slope. Then the KV blocks still taken once the server is idle."""
     samples = stage["memory"]
-    out: dict = {"rss_growth_mb": None, "rss_slope_mb_per_min": None}
-    if len(samples) >= 4:
-        k = max(1, len(samples) // 10)
-        first = report.percentile([mb for _, mb in samples[:k]], 50)
-        last = report.percentile([mb for _, mb in samples[-k:]], 50)
-        t0 = samples[0][0]
-        xs, ys = [t - t0 for t, _ in samples], [mb for _, mb in samples]
+    out: dict = {"rss_growth_mb": None, "rss_growth_second_half_mb": None,
+                 "rss_slope_second_half_mb_per_min": None}
+    if len(samples) >= 8:
+        def median(part):
+            return report.percentile([mb for _, mb in part], 50)
+
+        k, half = max(1, len(samples) // 10), samples[len(samples) // 2:]
+        first, middle, last = median(samples[:k]), median(half[:k]), median(samples[-k:])
+        t0 = half[0][0]
+        xs, ys = [t - t0 for t, _ in half], [mb for _, mb in half]
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         var = sum((x - mx) ** 2 for x in xs)
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
         out.update(rss_start_mb=round(first, 1), rss_end_mb=round(last, 1),
-                   rss_growth_mb=round(last - first, 1), rss_slope_mb_per_min=round(slope * 60, 2))
+                   rss_growth_mb=round(last - first, 1),
+                   rss_growth_second_half_mb=round(last - middle, 1),
+                   rss_slope_second_half_mb_per_min=round(slope * 60, 3))
     before, after = stage["metrics_before"], stage["metrics_after"]
     if "nibble_kv_blocks_free" in after:
         out["kv_blocks_total"] = after.get("nibble_kv_blocks_total")

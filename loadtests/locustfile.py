@@ -42,6 +42,7 @@ import time
 from collections import deque
 
 import gevent
+import locust.stats
 from locust import HttpUser, events, task
 from locust.exception import StopUser
 from requests.adapters import HTTPAdapter
@@ -114,6 +115,10 @@ def _stop_after(environment, send_for: float, drain: float) -> None:
     deadline = time.monotonic() + drain
     while _Run.inflight and time.monotonic() < deadline:
         gevent.sleep(0.05)
+    if environment.parsed_options.csv_prefix:
+        # --csv files are rewritten every CSV_STATS_INTERVAL_SEC, not on quit: let the writer
+        # take the last requests in
+        gevent.sleep(locust.stats.CSV_STATS_INTERVAL_SEC + 0.5)
     environment.runner.quit()
 
 

@@ -225,14 +225,15 @@ def table(results: list[dict]) -> str:
              .format(**s["requests"])),
             ("server peak RSS", lambda r, s: fmt(r.get("memory", {}).get("peak_rss_mb"), " MB")),
             ("capacity (ramp)", lambda r, s: fmt(r.get("capacity_rps"), " req/s", 2)),
-            ("RSS growth (soak)", lambda r, s: f"{fmt(r['soak'].get('rss_growth_mb'), ' MB', 1)}"
-                                               f" ({fmt(r['soak'].get('rss_slope_mb_per_min'), ' MB/min', 2)})"),
+            ("RSS growth: run / 2nd half", lambda r, s: f"{fmt(r['soak'].get('rss_growth_mb'), ' MB', 1)} / "
+             f"{fmt(r['soak'].get('rss_growth_second_half_mb'), ' MB', 1)} "
+             f"({fmt(r['soak'].get('rss_slope_second_half_mb_per_min'), ' MB/min', 2)})"),
             ("KV blocks not returned", lambda r, s: fmt(r["soak"].get("kv_blocks_not_returned"))),
             ("p99s within SLO", lambda r, s: "yes" if s["slo"]["pass"] else "no"),
             ("result", lambda r, s: "PASS" if r["pass"] else
              "FAIL: " + ", ".join(k for k, ok in r["checks"].items() if not ok))]
     # rows of one profile only where some target has them
-    needs = {"capacity (ramp)": "capacity_rps", "RSS growth (soak)": "soak",
+    needs = {"capacity (ramp)": "capacity_rps", "RSS growth: run / 2nd half": "soak",
              "KV blocks not returned": "soak"}
     cells = [[name] + [get(r, r["summary"]) if needs.get(name, "summary") in r else "-"
                        for r in results]

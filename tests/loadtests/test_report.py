@@ -108,3 +108,22 @@ def test_ramp_finds_the_highest_rate_that_holds(monkeypatch, tmp_path):
     stages, capacity = bench.ramp(bench.Target("t", "http://x"), opts, tmp_path, lambda _msg: None)
     assert ran == [0.25, 0.5, 1.0, 2.0, 1.5, 1.25]
     assert capacity == 1.25 and len(stages) == 6
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--profile", "ramp", "--rate", "1"], "sets its own rates"),
+    (["--users", "2", "--rate", "1"], "not both"),
+    (["--ramp-factor", "1"], "--ramp-factor 1.0 is out of range"),
+    (["--url", "127.0.0.1:8000"], "give a base URL"),
+    (["--url", "http://a:1", "--served-model", "x", "--served-model", "y", "--served-model", "z"],
+     "one per --url"),
+    (["--label", "a", "--label", "b"], "2 --label for 1 targets"),
+    (["--quant", "int4,"], "comma-separated"),
+    (["--slo", "no-such-slo"], "neither a file nor a preset"),
+])
+def test_bench_serve_usage_errors_exit_2_before_anything_starts(flags, message, capsys, tmp_path):
+    from server.cli import main
+
+    assert main(["bench", "serve", "--out", str(tmp_path / "out"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
