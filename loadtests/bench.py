@@ -298,26 +298,29 @@ def _holds(stage: dict, slo: SLO) -> bool:
 
 
 def ramp(target: Target, opts: Options, out: Path, say) -> tuple[list[dict], float]:
-    stages, held, broke = [], 0.0, None
-    rate = opts.ramp_start
-    for i in range(opts.ramp_stages):
-        stage = run_load(target, opts, out, f"{target.label}-ramp{i}", rate=rate)
+    """Stages at rising rates until one misses the goodput ratio, then bisections between the
+    last rate that held and the first that did not; returns the stages and the capacity (0.0
+    when even the first rate missed)."""
+    stages: list[dict] = []
+
+    def holds(tag: str, rate: float) -> bool:
+        stage = run_load(target, opts, out, f"{target.label}-{tag}", rate=rate)
         stages.append(stage)
         ok = _holds(stage, opts.slo)
-        say(f"{target.label}: ramp {rate:.3g} req/s -> goodput {stage['summary']['goodput']['ratio']:.0%}"
-            f" ({'holds' if ok else 'below ' + format(opts.slo.goodput_ratio, '.0%')})")
-        if not ok:
+        say(f"{target.label}: {tag} {rate:.3g} req/s -> goodput "
+            f"{stage['summary']['goodput']['ratio']:.0%} ({'holds' if ok else 'below'} "
+            f"{opts.slo.goodput_ratio:.0%})")
+        return ok
+
+    held, broke, rate = 0.0, None, opts.ramp_start
+    for i in range(opts.ramp_stages):
+        if not holds(f"ramp{i}", rate):
             broke = rate
             break
         held, rate = rate, rate * opts.ramp_factor
     for j in range(opts.refine if broke is not None else 0):
         rate = (held + broke) / 2 if held else broke / opts.ramp_factor
-        stage = run_load(target, opts, out, f"{target.label}-refine{j}", rate=rate)
-        stages.append(stage)
-        ok = _holds(stage, opts.slo)
-        say(f"{target.label}: refine {rate:.3g} req/s -> goodput "
-            f"{stage['summary']['goodput']['ratio']:.0%} ({'holds' if ok else 'below'})")
-        held, broke = (rate, broke) if ok else (held, rate)
+        held, broke = (rate, broke) if holds(f"refine{j}", rate) else (held, rate)
     return stages, held
 
 
