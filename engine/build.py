@@ -20,6 +20,7 @@ from engine.loader import (
     safetensors_tensors,
 )
 from engine.models.llama import LlamaModel, residual_dtype_for
+from engine.prequantized import PrequantizedFormat, load_prequantized
 from engine.tokenizer import load_tokenizer
 
 DEFAULT_MAX_LEN = 8192  # KV cache size grows with it; --max-model-len raises it
@@ -69,6 +70,14 @@ def _open(source: hub.ModelSource, cfg: EngineConfig, progress: bool):
         return mc, policy_from_checkpoint(data, data["float"]), lambda m: load_checkpoint(
             m, source.path, progress)
     total = _count_tensors(source.path)
+    fmt = PrequantizedFormat.read(source.path)
+    if fmt is not None:  # GPTQ / AWQ: the files say which modules are quantized, and how
+        if cfg.quant or cfg.rules:
+            raise ConfigError(f"{source.path} is already quantized ({fmt.method.upper()}); load it "
+                              "without --quant and --rule")
+        policy = fmt.policy(source.path, cfg.policy.float_name)
+        return mc, policy, lambda m: load_prequantized(
+            m, source.path, fmt, safetensors_tensors(source.path), total, progress)
     return mc, cfg.policy, lambda m: load_weights(m, safetensors_tensors(source.path), total, progress)
 
 

@@ -56,6 +56,17 @@ class QuantLinear(nn.Module):
         else:
             self.bias = full.to(self.act_dtype)
 
+    def load_stored_shard(self, shard: int, tensors: dict[str, Tensor]) -> None:
+        """One shard's stored tensors from a pre-quantized checkpoint that keeps q, k and v
+        (gate and up) apart; joined along the output features once every shard is in."""
+        self._pending[("stored", shard)] = tensors
+        shards = [self._pending.get(("stored", i)) for i in range(len(self.shard_sizes))]
+        if any(s is None for s in shards):
+            return
+        for i in range(len(shards)):
+            del self._pending[("stored", i)]
+        self.method.load({k: torch.cat([s[k] for s in shards], 0) for k in shards[0]})
+
     def load_quantized(self, tensors: dict[str, Tensor], bias: Tensor | None) -> None:
         """Stored tensors from a pre-quantized checkpoint: no quantization happens."""
         self.method.load(tensors)
