@@ -190,7 +190,7 @@ def safetensors_tensors(path: Path) -> Iterator[tuple[str, Tensor]]:
 # ----------------------------------------------------------------------------- routing
 
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
-_SHARDS = {"self_attn.q_proj": ("self_attn.qkv_proj", 0), "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+SHARDS = {"self_attn.q_proj": ("self_attn.qkv_proj", 0), "self_attn.k_proj": ("self_attn.qkv_proj", 1),
            "self_attn.v_proj": ("self_attn.qkv_proj", 2), "self_attn.o_proj": ("self_attn.o_proj", 0),
            "mlp.gate_proj": ("mlp.gate_up_proj", 0), "mlp.up_proj": ("mlp.gate_up_proj", 1),
            "mlp.down_proj": ("mlp.down_proj", 0)}
@@ -208,8 +208,8 @@ def route(name: str) -> tuple[str, str, int | None] | None:
     if not m:
         return None
     layer, part, kind = m.groups()
-    if part in _SHARDS:
-        module, shard = _SHARDS[part]
+    if part in SHARDS:
+        module, shard = SHARDS[part]
         return f"layers.{layer}.{module}", kind, shard
     return f"layers.{layer}.{part}", kind, None
 

@@ -86,6 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
                            "safetensors + nibble_quant.json + tokenizer to --out. Loading it later "
                            "gives the same packed weights without quantizing again.")
     quant.add_argument("--out", "-o", required=True, type=Path, help="output directory")
+    m = quant.add_argument_group("method (default rtn: round to nearest with --quant/--rule, "
+                                 "saved as a nibble checkpoint)")
+    m.add_argument("--method", choices=["rtn", "gptq"], default="rtn", help="gptq: calibrate "
+                   "on --calib text and quantize every linear layer but lm_head with GPTQ, saved "
+                   "in the standard GPTQ layout (config.json quantization_config, qweight/qzeros/"
+                   "scales/g_idx) that nibble and other tools load")
+    m.add_argument("--calib", default="builtin", metavar="FILE|builtin", help="calibration text "
+                   "(default: docstrings of Python's standard library, apart from the text "
+                   "`nibble compare` measures on)")
+    m.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens, in "
+                   "chunks of --calib-ctx (default 16384)")
+    m.add_argument("--calib-ctx", type=int, default=512, help="tokens per calibration chunk (default 512)")
+    m.add_argument("--bits", type=int, default=4, help="bits per weight (gptq: 4)")
+    m.add_argument("--group-size", type=int, default=128, help="weights per scale and zero point "
+                   "along the input features: 32, 64 or 128 (default 128)")
     _model_args(quant)
 
     insp = sub.add_parser("inspect", help="show which module gets which format, and weight bytes",

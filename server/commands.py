@@ -144,6 +144,8 @@ def quantize(args: argparse.Namespace, cfg: EngineConfig) -> int:
 
     if args.out.exists() and any(args.out.iterdir()):
         raise ConfigError(f"{args.out} exists and is not empty; choose a new --out directory")
+    if args.method == "gptq":
+        return _quantize_gptq(args, cfg)
     loaded = build.load(cfg, prepare=False)
     # where the 16-bit original lives, for compare and the quality gate: the alias, a path, a hub id
     local = Path(cfg.model).expanduser()
@@ -153,6 +155,38 @@ def quantize(args: argparse.Namespace, cfg: EngineConfig) -> int:
     print(f"saved {loaded.source.name} ({loaded.policy.describe()}) to {args.out}")
     for fmt, n in sorted(sizes.items()):
         print(f"  {fmt:>10}: {n / 2**20:9.2f} MiB")
+    return 0
+
+
+def _quantize_gptq(args: argparse.Namespace, cfg: EngineConfig) -> int:
+    import dataclasses
+
+    from engine.calibrate import check_options, collect_hessians, quantize_model, save_packed
+    from engine.eval.texts import calibration_text, corpus_chunks
+    from engine.llm import LLM
+
+    check_options(args.method, args.bits, args.group_size)
+    if cfg.quant or cfg.rules:
+        raise ConfigError("--method gptq quantizes every linear layer but lm_head to --bits and "
+                          "--group-size; drop --quant and --rule")
+    if args.calib_tokens < args.calib_ctx or args.calib_ctx < 16:
+        raise ConfigError(f"--calib-tokens {args.calib_tokens} must hold at least one chunk of "
+                          f"--calib-ctx {args.calib_ctx} (at least 16) tokens")
+    text, name = calibration_text(args.calib)
+    # a float32 copy: exact inputs for the Hessians, and fast on CPU
+    llm = LLM(config=dataclasses.replace(cfg, quant="fp32", max_model_len=args.calib_ctx,
+                                         max_num_batched_tokens=args.calib_ctx))
+    chunks = corpus_chunks(llm.tokenizer, text, args.calib_ctx,
+                           max(2, args.calib_tokens // args.calib_ctx))
+    start = time.perf_counter()
+    hessians = collect_hessians(llm, chunks)
+    results = quantize_model(llm.model, hessians, args.bits, args.group_size)
+    save_packed(llm.model, llm.tokenizer, results, args.out, "gptq", args.group_size,
+                extra={"quantizer": "nibble", "calibration": name,
+                       "calibration_tokens": len(chunks) * args.calib_ctx})
+    print(f"saved {llm.loaded.source.name} as GPTQ int{args.bits}, group {args.group_size}, "
+          f"calibrated on {len(chunks) * args.calib_ctx} tokens of {name}, to {args.out} "
+          f"({time.perf_counter() - start:.0f} s)")
     return 0
 
 

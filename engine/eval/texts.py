@@ -54,6 +54,34 @@ def corpus_text(source: str) -> tuple[str, str]:
         raise ConfigError(f"cannot read the corpus {source!r}: {exc}") from None
 
 
+# Calibration text for `nibble quantize --method gptq`: docstrings of these standard-library
+# modules and their public members. Held apart from the comparison corpus (pydoc_data.topics,
+# the language reference), so quality is measured on text the calibration never saw.
+CALIBRATION_MODULES = ("argparse", "asyncio", "collections", "csv", "datetime", "decimal",
+                       "email.message", "fractions", "functools", "http.client", "itertools",
+                       "json", "logging", "pathlib", "random", "re", "shutil", "sqlite3",
+                       "statistics", "string", "subprocess", "tarfile", "textwrap", "threading",
+                       "typing", "unittest", "urllib.parse", "zipfile")
+
+
+def calibration_text(source: str) -> tuple[str, str]:
+    """-> (text, name): the built-in calibration text or a UTF-8 text file."""
+    if source != BUILTIN:
+        return corpus_text(source)
+    import importlib
+    import inspect
+
+    docs, seen = [], set()
+    for name in CALIBRATION_MODULES:
+        module = importlib.import_module(name)
+        for obj in [module, *(getattr(module, a) for a in sorted(getattr(module, "__all__", [])))]:
+            doc = inspect.getdoc(obj)
+            if doc and doc not in seen:
+                seen.add(doc)
+                docs.append(doc)
+    return "\n\n".join(docs), "builtin:stdlib docstrings"
+
+
 def corpus_chunks(tokenizer, text: str, ctx: int, chunks: int) -> list[list[int]]:
     """The first `chunks` consecutive chunks of `ctx` tokens of `text`. At least 2 chunks
     are needed (intervals are bootstrapped over chunks) and `ctx` of at least 16."""
