@@ -10,12 +10,19 @@ loaded once and serves as A for every row. Writes JSON under benchmarks/results/
 
     python benchmarks/quality.py                         # default formats, 16 chunks of 512
     python benchmarks/quality.py --formats int4,int4-g32 --chunks 4
+    python benchmarks/quality.py --formats int4 --gptq 128 --awq 128 \\
+        --out benchmarks/results/calibrated-DATE.json
+
+--gptq G / --awq G add a row for `nibble quantize --method gptq|awq --group-size G`
+(calibrated on its built-in text, which is not the corpus measured here), loaded from the
+directory it writes.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,14 +40,27 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--gptq", type=int, metavar="G", help="also GPTQ int4 with group size G")
+    ap.add_argument("--awq", type=int, metavar="G", help="also AWQ int4 with group size G")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
     opts = CompareOptions(ctx=args.ctx, chunks=args.chunks, max_tokens=args.max_tokens)
     base = LLM(args.model, quant="bf16", progress=False)
     rows = []
-    for fmt in args.formats.split(","):
-        llm = LLM(args.model, quant=fmt, progress=False)
+    variants = [(fmt, {"quant": fmt}) for fmt in args.formats.split(",")]
+    for method, group in (("gptq", args.gptq), ("awq", args.awq)):
+        if not group:
+            continue
+        from server.cli import main as nibble
+
+        out = Path(tempfile.mkdtemp(prefix=f"nibble-{method}-")) / method
+        if nibble(["quantize", "--method", method, "--model", args.model, "--group-size",
+                   str(group), "--out", str(out)]) != 0:
+            sys.exit(f"nibble quantize --method {method} failed")
+        variants.append((f"{method}-g{group}", {"model": str(out)}))
+    for fmt, how in variants:
+        llm = LLM(how.get("model", args.model), quant=how.get("quant"), progress=False)
         report = compare(base, llm, "bf16", fmt, opts, progress=True).report
         rows.append({"format": fmt, **{k: report[k] for k in ("b", "teacher_forced", "free_running", "cost")}})
         print(f"{fmt:>10}: mean KLD {report['teacher_forced']['kld']['mean']:.4f}", file=sys.stderr)

@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from engine.checkpoint import hf_config_dict
 from engine.errors import ConfigError
 from engine.loader import SHARDS
+from engine.prequantized import PARTS
 from engine.progress import progress_bar
 from engine.quant import external
 from engine.quant.gptq import GPTQResult, gptq_quantize, rtn_quantize
@@ -25,27 +27,30 @@ from engine.quant.gptq import GPTQResult, gptq_quantize, rtn_quantize
 HF_NAME = {target: name for name, target in SHARDS.items()}
 
 
-def collect_hessians(llm, chunks: list[list[int]], progress: bool = True) -> dict[str, Tensor]:
-    """X^T X (float64) of the inputs of every linear layer but lm_head, over `chunks`."""
-    hessians: dict[str, Tensor] = {}
-    hooks = []
-
-    def hook(name):
-        def accumulate(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            h = hessians.get(name)
-            hessians[name] = x.T @ x if h is None else h.add_(x.T @ x)
-        return accumulate
-
-    for name, lin in llm.model.quant_linears().items():
-        if name != "lm_head":
-            hooks.append(lin.register_forward_pre_hook(hook(name)))
+def _observe(llm, chunks: list[list[int]], observe, progress: bool) -> None:
+    """Runs the model over `chunks` with observe(name, x [T, K]) called on the input of every
+    linear layer but lm_head."""
+    hooks = [lin.register_forward_pre_hook(
+        lambda _m, args, name=name: observe(name, args[0].reshape(-1, args[0].shape[-1])))
+        for name, lin in llm.model.quant_linears().items() if name != "lm_head"]
     try:
         for chunk in progress_bar(chunks, desc="calibrating", unit="chunk", enabled=progress):
             llm.score(chunk)
     finally:
         for h in hooks:
             h.remove()
+
+
+def collect_hessians(llm, chunks: list[list[int]], progress: bool = True) -> dict[str, Tensor]:
+    """X^T X (float64) of the inputs of every linear layer but lm_head, over `chunks`."""
+    hessians: dict[str, Tensor] = {}
+
+    def accumulate(name: str, x: Tensor) -> None:
+        x = x.double()
+        h = hessians.get(name)
+        hessians[name] = x.T @ x if h is None else h.add_(x.T @ x)
+
+    _observe(llm, chunks, accumulate, progress)
     return hessians
 
 
@@ -59,9 +64,6 @@ def quantize_model(model, hessians: dict[str, Tensor] | None, bits: int, group_s
         out[name] = (gptq_quantize(w, hessians[name], bits, group_size) if hessians is not None
                      else rtn_quantize(w, bits, group_size))
     return out
-
-
-PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
 
 
 def save_packed(model, tokenizer, results: dict[str, GPTQResult], out: Path, layout: str,
@@ -106,10 +108,86 @@ def save_packed(model, tokenizer, results: dict[str, GPTQResult], out: Path, lay
 def check_options(method: str, bits: int, group_size: int) -> None:
     from engine.config import VALID_GROUPS
 
-    if method not in ("gptq", "rtn"):
-        raise ConfigError(f"--method {method!r}: choose gptq (or rtn)")
+    if method not in ("gptq", "awq"):
+        raise ConfigError(f"--method {method!r}: choose gptq or awq (or rtn)")
     if bits != 4:
-        raise ConfigError(f"--bits {bits}: GPTQ checkpoints are written with 4 bits for now "
-                          "(nibble loads 4-bit GPTQ)")
+        raise ConfigError(f"--bits {bits}: {method.upper()} checkpoints are written with 4 bits "
+                          "for now (nibble loads 4-bit GPTQ and AWQ)")
     if group_size not in VALID_GROUPS:
         raise ConfigError(f"--group-size {group_size}: use one of {', '.join(map(str, VALID_GROUPS))}")
+
+
+# ------------------------------------------------------------------------------------------ AWQ
+
+AWQ_GRID = 20  # exponents 0, 1/20, ..., 19/20 tried per group of layers
+
+
+def collect_inputs(llm, chunks: list[list[int]], rows: int = 256,
+                   progress: bool = True) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per linear layer but lm_head: (mean |x| per input feature over `chunks`, the first
+    `rows` input rows, float32)."""
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    samples: dict[str, Tensor] = {}
+
+    def record(name: str, x: Tensor) -> None:
+        x = x.float()
+        sums[name] = x.abs().sum(0) + sums.get(name, 0)
+        counts[name] = counts.get(name, 0) + x.shape[0]
+        have = samples.get(name)
+        if have is None or have.shape[0] < rows:
+            samples[name] = x[:rows] if have is None else torch.cat([have, x])[:rows]
+
+    _observe(llm, chunks, record, progress)
+    return {n: (sums[n] / counts[n], samples[n]) for n in sums}
+
+
+def fake_quantize(w: Tensor, group_size: int) -> Tensor:
+    """w after 4-bit round-to-nearest and back (what the AWQ search scores)."""
+    r = rtn_quantize(w, 4, group_size)
+    g = r.g_idx.long()
+    return r.scales[g].T * (r.q - r.z[g].T).float()
+
+
+def awq_search(w: Tensor, x_mean: Tensor, x: Tensor, group_size: int) -> Tensor:
+    """AWQ's activation-aware scales (Lin et al., 2023): s = mean|x|^a per input feature, with
+    the exponent a from a grid that minimizes ||x W^T - x (Q(W diag(s)) diag(s)^-1)^T||;
+    a = 0 (no scaling, round-to-nearest) is on the grid."""
+    ref = x @ w.T
+    best, best_s = float("inf"), torch.ones_like(x_mean)
+    for i in range(AWQ_GRID):
+        s = x_mean.clamp(min=1e-4) ** (i / AWQ_GRID)
+        s = s / (s.max() * s.min()).sqrt()
+        loss = float(((x @ (fake_quantize(w * s, group_size) / s).T - ref) ** 2).mean())
+        if loss < best:
+            best, best_s = loss, s
+    return best_s
+
+
+def awq_model(model, inputs: dict[str, tuple[Tensor, Tensor]], group_size: int,
+              progress: bool = True) -> dict[str, GPTQResult]:
+    """Per decoder layer: scales for q|k|v (folded into input_layernorm), gate|up (folded into
+    post_attention_layernorm) and down (folded into up's output rows); o_proj keeps s = 1 unless
+    every query head has its own value head (only then can v_proj's rows take the scales).
+    The scaled weights are quantized to nearest; the norms are changed in `model` in place."""
+    cfg = model.config
+    out = {}
+    for i in progress_bar(range(cfg.num_layers), desc="quantizing", unit="layer", enabled=progress):
+        layer = model.layers[i]
+        names = {k: f"layers.{i}.{k}" for k in ("self_attn.qkv_proj", "self_attn.o_proj",
+                                               "mlp.gate_up_proj", "mlp.down_proj")}
+        w = {k: model.get_submodule(n).method.dequantize() for k, n in names.items()}
+        s = {k: awq_search(w[k], *inputs[n], group_size) for k, n in names.items()
+             if k != "self_attn.o_proj" or cfg.num_heads == cfg.num_kv_heads}
+        inter = cfg.intermediate_size
+        w["mlp.gate_up_proj"][inter:] /= s["mlp.down_proj"][:, None]  # up's rows take down's
+        layer.input_layernorm.weight.data /= s["self_attn.qkv_proj"].to(layer.input_layernorm.weight.dtype)
+        layer.post_attention_layernorm.weight.data /= s["mlp.gate_up_proj"].to(
+            layer.post_attention_layernorm.weight.dtype)
+        if "self_attn.o_proj" in s:  # v's rows take o's (multi-head attention only)
+            q_kv = cfg.num_heads * cfg.head_dim + cfg.num_kv_heads * cfg.head_dim
+            w["self_attn.qkv_proj"][q_kv:] /= s["self_attn.o_proj"][:, None]
+        for k, n in names.items():
+            scaled = w[k] * s[k] if k in s else w[k]
+            out[n] = rtn_quantize(scaled, 4, group_size)
+    return out

@@ -88,10 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--out", "-o", required=True, type=Path, help="output directory")
     m = quant.add_argument_group("method (default rtn: round to nearest with --quant/--rule, "
                                  "saved as a nibble checkpoint)")
-    m.add_argument("--method", choices=["rtn", "gptq"], default="rtn", help="gptq: calibrate "
-                   "on --calib text and quantize every linear layer but lm_head with GPTQ, saved "
-                   "in the standard GPTQ layout (config.json quantization_config, qweight/qzeros/"
-                   "scales/g_idx) that nibble and other tools load")
+    m.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn", help="gptq or "
+                   "awq: calibrate on --calib text and quantize every linear layer but lm_head "
+                   "with GPTQ (error feedback through the inputs' Hessian) or AWQ (activation-"
+                   "aware per-feature scales folded into the norms), saved in that method's "
+                   "standard layout (config.json quantization_config; GPTQ: qweight/qzeros/"
+                   "scales/g_idx, AWQ: GEMM packing) that nibble and other tools load")
     m.add_argument("--calib", default="builtin", metavar="FILE|builtin", help="calibration text "
                    "(default: docstrings of Python's standard library, apart from the text "
                    "`nibble compare` measures on)")

@@ -144,8 +144,8 @@ def quantize(args: argparse.Namespace, cfg: EngineConfig) -> int:
 
     if args.out.exists() and any(args.out.iterdir()):
         raise ConfigError(f"{args.out} exists and is not empty; choose a new --out directory")
-    if args.method == "gptq":
-        return _quantize_gptq(args, cfg)
+    if args.method != "rtn":
+        return _quantize_calibrated(args, cfg)
     loaded = build.load(cfg, prepare=False)
     # where the 16-bit original lives, for compare and the quality gate: the alias, a path, a hub id
     local = Path(cfg.model).expanduser()
@@ -158,35 +158,40 @@ def quantize(args: argparse.Namespace, cfg: EngineConfig) -> int:
     return 0
 
 
-def _quantize_gptq(args: argparse.Namespace, cfg: EngineConfig) -> int:
+def _quantize_calibrated(args: argparse.Namespace, cfg: EngineConfig) -> int:
+    """--method gptq or awq: calibrate a float32 copy of the model, write the standard layout."""
     import dataclasses
 
-    from engine.calibrate import check_options, collect_hessians, quantize_model, save_packed
+    from engine import calibrate
     from engine.eval.texts import calibration_text, corpus_chunks
     from engine.llm import LLM
 
-    check_options(args.method, args.bits, args.group_size)
+    calibrate.check_options(args.method, args.bits, args.group_size)
     if cfg.quant or cfg.rules:
-        raise ConfigError("--method gptq quantizes every linear layer but lm_head to --bits and "
-                          "--group-size; drop --quant and --rule")
+        raise ConfigError(f"--method {args.method} quantizes every linear layer but lm_head to "
+                          "--bits and --group-size; drop --quant and --rule")
     if args.calib_tokens < args.calib_ctx or args.calib_ctx < 16:
         raise ConfigError(f"--calib-tokens {args.calib_tokens} must hold at least one chunk of "
                           f"--calib-ctx {args.calib_ctx} (at least 16) tokens")
     text, name = calibration_text(args.calib)
-    # a float32 copy: exact inputs for the Hessians, and fast on CPU
+    # a float32 copy: exact inputs for the statistics, and fast on CPU
     llm = LLM(config=dataclasses.replace(cfg, quant="fp32", max_model_len=args.calib_ctx,
                                          max_num_batched_tokens=args.calib_ctx))
     chunks = corpus_chunks(llm.tokenizer, text, args.calib_ctx,
                            max(2, args.calib_tokens // args.calib_ctx))
     start = time.perf_counter()
-    hessians = collect_hessians(llm, chunks)
-    results = quantize_model(llm.model, hessians, args.bits, args.group_size)
-    save_packed(llm.model, llm.tokenizer, results, args.out, "gptq", args.group_size,
-                extra={"quantizer": "nibble", "calibration": name,
-                       "calibration_tokens": len(chunks) * args.calib_ctx})
-    print(f"saved {llm.loaded.source.name} as GPTQ int{args.bits}, group {args.group_size}, "
-          f"calibrated on {len(chunks) * args.calib_ctx} tokens of {name}, to {args.out} "
-          f"({time.perf_counter() - start:.0f} s)")
+    if args.method == "gptq":
+        results = calibrate.quantize_model(llm.model, calibrate.collect_hessians(llm, chunks),
+                                           args.bits, args.group_size)
+    else:
+        results = calibrate.awq_model(llm.model, calibrate.collect_inputs(llm, chunks),
+                                      args.group_size)
+    calibrate.save_packed(llm.model, llm.tokenizer, results, args.out, args.method,
+                          args.group_size, extra={"quantizer": "nibble", "calibration": name,
+                                                  "calibration_tokens": len(chunks) * args.calib_ctx})
+    print(f"saved {llm.loaded.source.name} as {args.method.upper()} int{args.bits}, group "
+          f"{args.group_size}, calibrated on {len(chunks) * args.calib_ctx} tokens of {name}, to "
+          f"{args.out} ({time.perf_counter() - start:.0f} s)")
     return 0
 
 

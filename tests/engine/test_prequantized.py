@@ -1,9 +1,9 @@
-"""GPTQ and AWQ, written and read. `nibble quantize --method gptq` calibrates the default model
-and writes the standard GPTQ layout; the same codes are also written in AWQ's GEMM layout.
-Each directory loads with every module's int4 values equal to the format's own
-dequantization of the files, the two give bit-identical int4 storage, the GPTQ one serves
-and, on held-out text, is closer to the float model than round-to-nearest at the same group
-size. Unsupported variants are refused with a message."""
+"""GPTQ and AWQ, written and read. `nibble quantize --method gptq|awq` calibrates the default
+model and writes each method's standard layout. Each directory loads with every module's int4
+values equal to the format's own dequantization of the files, serves, and on held-out text is
+closer to the float model than round-to-nearest at the same group size. GPTQ and AWQ each
+beat round-to-nearest on a synthetic layer too. Unsupported variants are refused with a
+message."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams, build
-from engine.calibrate import HF_NAME, save_packed
+from engine.calibrate import HF_NAME, awq_search, fake_quantize
 from engine.config import EngineConfig
 from engine.errors import CheckpointError, ConfigError
 from engine.eval.stats import token_stats
@@ -59,29 +59,19 @@ def _file_values(path, fmt: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, llm_factory):
-    """{"gptq": dir written by `nibble quantize --method gptq`, "awq": the same codes in AWQ's
-    layout}."""
-    gptq = tmp_path_factory.mktemp("gptq") / "out"
-    assert main(["quantize", "--method", "gptq", "--calib-tokens", "512", "--calib-ctx", "256",
-                 "--group-size", str(GROUP), "--out", str(gptq)]) == 0
-    src = llm_factory("fp32")  # its embeddings and norms, as the GPTQ directory holds them
-    modules, t = _modules(gptq)
-    results = {}
-    for module, prefixes in modules.items():
-        unpacked = [external.gptq_unpack(t[f"{p}.qweight"], t[f"{p}.qzeros"], t[f"{p}.scales"],
-                                         t[f"{p}.g_idx"], 4, 1) for p in prefixes]
-        results[module] = GPTQResult(torch.cat([u[0] for u in unpacked], 0),
-                                     torch.cat([u[1] for u in unpacked], 1),
-                                     torch.cat([u[2] for u in unpacked], 1),
-                                     unpacked[0][3].int(), 0.0)
-    awq = save_packed(src.model, src.tokenizer, results, tmp_path_factory.mktemp("awq"), "awq", GROUP)
-    return {"gptq": gptq, "awq": awq}
+def checkpoints(tmp_path_factory):
+    """{"gptq": dir, "awq": dir}, each written by `nibble quantize --method ...` on a little of
+    the built-in calibration text."""
+    dirs = {}
+    for method in ("gptq", "awq"):
+        dirs[method] = tmp_path_factory.mktemp(method) / "out"
+        assert main(["quantize", "--method", method, "--calib-tokens", "512", "--calib-ctx",
+                     "256", "--group-size", str(GROUP), "--out", str(dirs[method])]) == 0
+    return dirs
 
 
 @pytest.mark.slow
 def test_gptq_and_awq_load_to_the_formats_own_values(checkpoints):
-    stored = {}
     for fmt, path in checkpoints.items():
         config = json.loads((path / "config.json").read_text())["quantization_config"]
         assert config["quant_method"] == fmt and config["group_size"] == GROUP
@@ -92,25 +82,23 @@ def test_gptq_and_awq_load_to_the_formats_own_values(checkpoints):
         for name, want in expect.items():
             assert str(linears[name].spec) == "int4-g64"
             assert torch.equal(linears[name].method.dequantize(), want), (fmt, name)
-        stored[fmt] = {n: linears[n].method.stored for n in expect}
-    # the same codes in either layout become the same int4 storage, bit for bit
-    for name, tensors in stored["gptq"].items():
-        assert all(torch.equal(t, stored["awq"][name][k]) for k, t in tensors.items()), name
 
 
 @pytest.mark.slow
-def test_gptq_serves_and_beats_round_to_nearest_on_held_out_text(checkpoints, llm_factory):
-    llm = LLM(str(checkpoints["gptq"]), max_model_len=512, kv_cache_memory=int(5e7), progress=False)
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                   SamplingParams(max_tokens=12, temperature=0))[0]
-    assert "Paris" in out.text, out.text
+def test_gptq_and_awq_serve_and_beat_round_to_nearest_on_held_out_text(checkpoints, llm_factory):
+    rtn = llm_factory(f"int4-g{GROUP}")
     # held-out: the comparison corpus, not the calibration docstrings
-    (chunk,) = corpus_chunks(llm.tokenizer, corpus_text("builtin")[0], 256, 2)[1:]
+    (chunk,) = corpus_chunks(rtn.tokenizer, corpus_text("builtin")[0], 256, 2)[1:]
     target = torch.tensor(chunk[1:])
     ref = llm_factory("fp32").score(chunk)[:-1]
-    kld = {name: token_stats(ref, model.score(chunk)[:-1], target).kld.mean().item()
-           for name, model in (("gptq", llm), ("rtn", llm_factory(f"int4-g{GROUP}")))}
-    assert kld["gptq"] < kld["rtn"], kld
+    kld = {"rtn": token_stats(ref, rtn.score(chunk)[:-1], target).kld.mean().item()}
+    for method, path in checkpoints.items():
+        llm = LLM(str(path), max_model_len=512, kv_cache_memory=int(5e7), progress=False)
+        out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                       SamplingParams(max_tokens=12, temperature=0))[0]
+        assert "Paris" in out.text, (method, out.text)
+        kld[method] = token_stats(ref, llm.score(chunk)[:-1], target).kld.mean().item()
+    assert kld["gptq"] < kld["rtn"] and kld["awq"] < kld["rtn"], kld
     with pytest.raises(ConfigError, match="already quantized"):
         build.load(EngineConfig(model=str(checkpoints["gptq"]), quant="int8"), progress=False)
 
@@ -135,9 +123,27 @@ def test_gptq_lowers_the_layer_output_error_against_round_to_nearest():
     assert int(plain.z.min()) >= 1  # the classic GPTQ layout stores z - 1
 
 
+def test_awq_scales_lower_the_output_error_where_some_features_are_large():
+    """With a few input features much larger than the rest (the salient channels AWQ is built
+    for), its searched scales give a lower output error than round-to-nearest; with none, it
+    is never worse (s = 1 is on the grid)."""
+    torch.manual_seed(0)
+    W, X = torch.randn(128, 256), torch.randn(1024, 256)
+    loud = X.clone()
+    loud[:, :8] *= 30.0
+
+    def err(x: torch.Tensor, s: torch.Tensor) -> float:
+        return float(((x @ (fake_quantize(W * s, 64) / s).T - x @ W.T) ** 2).mean())
+
+    for x, factor in ((loud, 0.8), (X, 1.0)):
+        s = awq_search(W, x.abs().mean(0), x, 64)
+        assert err(x, s) <= factor * err(x, torch.ones(256))
+
+
 def test_quantize_gptq_usage_errors(tmp_path, capsys):
     for flags, message in ((["--bits", "8"], "--bits 8"), (["--group-size", "96"], "--group-size 96"),
-                           (["-q", "int8"], "drop --quant"), (["--calib-tokens", "8"], "--calib-tokens 8")):
+                           (["-q", "int8"], "drop --quant"), (["--calib-tokens", "8"], "--calib-tokens 8"),
+                           (["--method", "awq", "--bits", "3"], "AWQ checkpoints")):
         assert main(["quantize", "--method", "gptq", "--out", str(tmp_path / "o"), *flags]) == 2
         assert message in capsys.readouterr().err
 
