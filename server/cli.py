@@ -81,10 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     # Small models ramble at the usual 0.7; 0.2 / 0.9 is what SmolLM2's authors sample with.
     _sampling_args(chat, temperature=0.2, top_p=0.9)
 
-    quant = sub.add_parser("quantize", help="quantize a model and save a nibble checkpoint",
-                           description="Quantize module by module while loading, then save "
-                           "safetensors + nibble_quant.json + tokenizer to --out. Loading it later "
-                           "gives the same packed weights without quantizing again.")
+    quant = sub.add_parser("quantize", help="quantize a model and save it (nibble, GPTQ or AWQ "
+                           "layout)", description="Quantize module by module while loading, then "
+                           "save safetensors + nibble_quant.json + tokenizer to --out. Loading it "
+                           "later gives the same packed weights without quantizing again. With "
+                           "--method gptq or awq: calibrate on --calib text and save a Hugging "
+                           "Face directory in that method's standard layout instead.")
     quant.add_argument("--out", "-o", required=True, type=Path, help="output directory")
     m = quant.add_argument_group("method (default rtn: round to nearest with --quant/--rule, "
                                  "saved as a nibble checkpoint)")
