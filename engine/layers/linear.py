@@ -44,28 +44,27 @@ class QuantLinear(nn.Module):
         self._pending[(kind, shard)] = tensor
         self._flush(kind)
 
-    def _flush(self, kind: str) -> None:
-        shards = [self._pending.get((kind, i)) for i in range(len(self.shard_sizes))]
-        if any(s is None for s in shards):
-            return
-        full = shards[0] if len(shards) == 1 else torch.cat(shards, 0)
-        for i in range(len(shards)):
-            del self._pending[(kind, i)]
-        if kind == "weight":
-            self.method.load(self.method.quantize(full))
-        else:
-            self.bias = full.to(self.act_dtype)
-
     def load_stored_shard(self, shard: int, tensors: dict[str, Tensor]) -> None:
         """One shard's stored tensors from a pre-quantized checkpoint that keeps q, k and v
         (gate and up) apart; joined along the output features once every shard is in."""
         self._pending[("stored", shard)] = tensors
-        shards = [self._pending.get(("stored", i)) for i in range(len(self.shard_sizes))]
+        self._flush("stored")
+
+    def _flush(self, kind: str) -> None:
+        """Once every shard of `kind` is in: join them along the output features and load."""
+        shards = [self._pending.get((kind, i)) for i in range(len(self.shard_sizes))]
         if any(s is None for s in shards):
             return
         for i in range(len(shards)):
-            del self._pending[("stored", i)]
-        self.method.load({k: torch.cat([s[k] for s in shards], 0) for k in shards[0]})
+            del self._pending[(kind, i)]
+        if kind == "stored":
+            self.method.load({k: torch.cat([s[k] for s in shards], 0) for k in shards[0]})
+            return
+        full = shards[0] if len(shards) == 1 else torch.cat(shards, 0)
+        if kind == "weight":
+            self.method.load(self.method.quantize(full))
+        else:
+            self.bias = full.to(self.act_dtype)
 
     def load_quantized(self, tensors: dict[str, Tensor], bias: Tensor | None) -> None:
         """Stored tensors from a pre-quantized checkpoint: no quantization happens."""
