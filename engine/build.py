@@ -14,7 +14,9 @@ from engine.errors import ConfigError
 from engine.loader import (
     config_from_gguf,
     config_from_hf,
+    gguf_policy,
     gguf_tensors,
+    load_gguf_native,
     load_weights,
     open_gguf,
     safetensors_tensors,
@@ -59,8 +61,14 @@ def _open(source: hub.ModelSource, cfg: EngineConfig, progress: bool):
     if source.kind == "gguf":
         reader = open_gguf(source.path)
         mc = config_from_gguf(reader)
+        if cfg.gguf_native:  # the file's own blocks: its types pick each module's format
+            policy, native = gguf_policy(reader, cfg.policy, mc.tie_word_embeddings)
+            return mc, policy, lambda m: load_gguf_native(m, reader, native, progress)
         return mc, cfg.policy, lambda m: load_weights(
             m, gguf_tensors(reader, mc), len(reader.tensors), progress)
+    if cfg.gguf_native:
+        raise ConfigError(f"--quant gguf serves a GGUF file on its own blocks, and {source.name} "
+                          f"is a {source.kind} checkpoint; pick another --quant (e.g. int4)")
     mc = config_from_hf(source.path)
     if source.kind == "nibble":
         data = read_quant_config(source.path)

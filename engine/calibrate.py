@@ -55,22 +55,23 @@ def collect_hessians(llm, chunks: list[list[int]], progress: bool = True) -> dic
 
 
 def quantize_model(model, hessians: dict[str, Tensor] | None, bits: int, group_size: int,
-                   progress: bool = True) -> dict[str, GPTQResult]:
+                   progress: bool = True, act_order: bool = False) -> dict[str, GPTQResult]:
     """GPTQ for every linear layer but lm_head (round-to-nearest without hessians)."""
     out = {}
     linears = {n: m for n, m in model.quant_linears().items() if n != "lm_head"}
     for name in progress_bar(list(linears), desc="quantizing", unit="layer", enabled=progress):
         w = linears[name].method.dequantize()
-        out[name] = (gptq_quantize(w, hessians[name], bits, group_size) if hessians is not None
-                     else rtn_quantize(w, bits, group_size))
+        out[name] = (gptq_quantize(w, hessians[name], bits, group_size, act_order=act_order)
+                     if hessians is not None else rtn_quantize(w, bits, group_size))
     return out
 
 
 def save_packed(model, tokenizer, results: dict[str, GPTQResult], out: Path, layout: str,
-                group_size: int, extra: dict | None = None) -> Path:
-    """A Hugging Face directory in the GPTQ layout (classic "gptq" format: qzeros hold z - 1)
-    or AutoAWQ's GEMM layout, 4-bit: q/k/v and gate/up split back apart, the other tensors in
-    float16, config.json with its quantization_config, and the tokenizer."""
+                group_size: int, extra: dict | None = None, bits: int = 4) -> Path:
+    """A Hugging Face directory in the GPTQ layout (classic "gptq" format: qzeros hold z - 1;
+    4 or 8 bits, desc_act when the results are act-ordered) or AutoAWQ's GEMM layout (4 bits):
+    q/k/v and gate/up split back apart, the other tensors in float16, config.json with its
+    quantization_config, and the tokenizer."""
     from safetensors.torch import save_file
 
     tensors: dict[str, Tensor] = {}
@@ -82,7 +83,7 @@ def save_packed(model, tokenizer, results: dict[str, GPTQResult], out: Path, lay
             start += size
             prefix = f"model.layers.{layer}.{HF_NAME[module, shard]}"
             q, z, s = r.q[rows], r.z[:, rows], r.scales[:, rows]
-            packed = (external.gptq_pack(q, z, s, r.g_idx, 4, 1) if layout == "gptq"
+            packed = (external.gptq_pack(q, z, s, r.g_idx, bits, 1) if layout == "gptq"
                       else external.awq_pack(q, z, s))
             tensors.update({f"{prefix}.{k}": v.contiguous()
                             for k, v in zip(PARTS[layout], packed, strict=True)})
@@ -94,7 +95,8 @@ def save_packed(model, tokenizer, results: dict[str, GPTQResult], out: Path, lay
         tensors["lm_head.weight"] = model.lm_head.method.dequantize().half().contiguous()
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    quant = ({"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False,
+    desc_act = any(external.is_act_order(r.g_idx, group_size) for r in results.values())
+    quant = ({"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
               "sym": False, "checkpoint_format": "gptq"} if layout == "gptq" else
              {"quant_method": "awq", "bits": 4, "group_size": group_size, "version": "gemm",
               "zero_point": True})
@@ -110,9 +112,9 @@ def check_options(method: str, bits: int, group_size: int) -> None:
 
     if method not in ("gptq", "awq"):
         raise ConfigError(f"--method {method!r}: choose gptq or awq (or rtn)")
-    if bits != 4:
-        raise ConfigError(f"--bits {bits}: {method.upper()} checkpoints are written with 4 bits "
-                          "for now (nibble loads 4-bit GPTQ and AWQ)")
+    if bits not in ((4, 8) if method == "gptq" else (4,)):
+        raise ConfigError(f"--bits {bits}: GPTQ checkpoints are written with 4 or 8 bits, AWQ "
+                          "checkpoints (the GEMM layout) with 4")
     if group_size not in VALID_GROUPS:
         raise ConfigError(f"--group-size {group_size}: use one of {', '.join(map(str, VALID_GROUPS))}")
 

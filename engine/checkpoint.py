@@ -4,7 +4,8 @@ Layout of a checkpoint directory:
   config.json          the model's shapes, in Hugging Face's schema
   nibble_quant.json    {"format": "nibble", "version": 1, "policy": ..., "modules": {name: cfg}}
   model.safetensors    "<module>.<tensor>" for every stored tensor (qweight, scales, ...),
-                       "<module>.bias", and the 16-bit embeddings and norms
+                       "<module>.bias", "<module>.input_perm" (act-order GPTQ's column
+                       order), and the 16-bit embeddings and norms
   tokenizer files      as transformers saves them
 Loading gives bit-identical packed weights without quantizing again.
 """
@@ -58,6 +59,8 @@ def save_checkpoint(model: LlamaModel, tokenizer, out_dir: Path, source: str) ->
         tensors.update({f"{name}.{k}": v.contiguous() for k, v in stored.items()})
         if lin.bias is not None:
             tensors[f"{name}.bias"] = lin.bias.contiguous()
+        if lin.input_perm is not None:
+            tensors[f"{name}.input_perm"] = lin.input_perm.contiguous()
         modules[name] = lin.method.config()
     for name, param in model.named_parameters():
         tensors[name] = param.data.contiguous()
@@ -107,7 +110,7 @@ def load_checkpoint(model: LlamaModel, path: Path, progress: bool = True) -> Non
                 raise CheckpointError(f"{path}: tensor {key} matches no module of the model")
             pending.setdefault(module, {})[part] = tensor
     for name, tensors in pending.items():
-        bias = tensors.pop("bias", None)
-        linears[name].load_quantized(tensors, bias)
+        bias, perm = tensors.pop("bias", None), tensors.pop("input_perm", None)
+        linears[name].load_quantized(tensors, bias, perm)
     if model.config.tie_word_embeddings and "lm_head" not in pending:
         model.lm_head.load_shard("weight", 0, model.embed_tokens.weight.data)

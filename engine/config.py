@@ -19,7 +19,10 @@ FLOAT_FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 QUANT_FORMATS = ("int8", "int4", "nf4")
 DEFAULT_GROUP = {"int4": 128, "nf4": 64}
 VALID_GROUPS = (32, 64, 128)
-QUANT_EXAMPLES = "fp32, bf16, fp16, int8, int4, int4-g32, int4-g64, int4-sym, nf4, nf4-g32"
+QUANT_EXAMPLES = ("fp32, bf16, fp16, int8, int8-g32, int4, int4-g32, int4-g64, int4-sym, nf4, "
+                  "nf4-g32, gguf")
+# `--quant gguf`: a GGUF file served on its own blocks (the policy comes from the file)
+GGUF_NATIVE = "gguf"
 
 
 def _suggest(word: str, choices: list[str]) -> str:
@@ -32,7 +35,7 @@ class QuantSpec:
     """One module's storage format, parsed from strings like ``int4-g64`` or ``int4-sym``."""
 
     method: str  # fp32 | bf16 | fp16 | int8 | int4 | nf4
-    group_size: int | None = None
+    group_size: int | None = None  # int8: None is per output channel, a size is group-wise
     symmetric: bool = False
 
     @classmethod
@@ -50,8 +53,8 @@ class QuantSpec:
         for opt in opts:
             if opt == "sym" and base == "int4":
                 symmetric = True
-            elif re.fullmatch(r"g\d+", opt) and base in DEFAULT_GROUP:
-                group = int(opt[1:])
+            elif re.fullmatch(r"g\d+", opt):
+                group, symmetric = int(opt[1:]), symmetric and base != "int8"
                 if group not in VALID_GROUPS:
                     raise ConfigError(
                         f"group size {group} in {text!r} is not supported; use one of "
@@ -67,11 +70,18 @@ class QuantSpec:
     def is_float(self) -> bool:
         return self.method in FLOAT_FORMATS
 
+    @property
+    def format(self) -> str:
+        """The storage format's registry name: group-wise int8 ("int8g") is its own layout."""
+        return "int8g" if self.method == "int8" and self.group_size else self.method
+
     def __str__(self) -> str:
-        if self.is_float or self.method == "int8":
+        if self.is_float or self.format == "int8":
             return self.method
         text = self.method + ("-sym" if self.symmetric else "")
-        return text if self.group_size == DEFAULT_GROUP[self.method] else f"{text}-g{self.group_size}"
+        if self.group_size == DEFAULT_GROUP.get(self.method):
+            return text
+        return f"{text}-g{self.group_size}"
 
 
 @dataclass(frozen=True)
@@ -85,10 +95,13 @@ class QuantPolicy:
 
     default: QuantSpec = QuantSpec("bf16")
     rules: tuple[tuple[str, QuantSpec], ...] = ()
+    label: str = ""  # what describe() says instead of listing rules a file dictated
 
     @classmethod
     def build(cls, quant: str = "bf16", rules: list[str] | tuple[str, ...] = ()) -> QuantPolicy:
-        return cls(QuantSpec.parse(quant), tuple(parse_rule(r) for r in rules))
+        """`quant` gguf: the file decides at load (engine/loader.py); until then bf16."""
+        base = "bf16" if quant.strip().lower() == GGUF_NATIVE else quant
+        return cls(QuantSpec.parse(base), tuple(parse_rule(r) for r in rules))
 
     def spec_for(self, module: str) -> QuantSpec:
         for pattern, spec in self.rules:
@@ -108,6 +121,8 @@ class QuantPolicy:
         return FLOAT_FORMATS[self.float_name]
 
     def describe(self) -> str:
+        if self.label:
+            return self.label
         parts = [str(self.default)] + [f"{p}={s}" for p, s in self.rules]
         return ",".join(parts)
 
@@ -209,6 +224,11 @@ class EngineConfig:
     @property
     def policy(self) -> QuantPolicy:
         return QuantPolicy.build(self.quant or "bf16", self.rules)
+
+    @property
+    def gguf_native(self) -> bool:
+        """`quant="gguf"`: serve a GGUF file on its own blocks."""
+        return (self.quant or "").strip().lower() == GGUF_NATIVE
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EngineConfig:

@@ -1,7 +1,8 @@
 """Checkpoint tensors streamed one by one into the model, quantized as they arrive.
 
 Sources: a GGUF file (tensors dequantized by the gguf package, renamed to Hugging Face names,
-q/k rows un-permuted) or a Hugging Face directory of safetensors. Only one fused weight is held
+q/k rows un-permuted; or, with `quant="gguf"`, its Q4_0/Q4_1/Q8_0 blocks repacked as they
+are, engine/quant/gguf.py) or a Hugging Face directory of safetensors. Only one fused weight is held
 in 16/32-bit at any time; a 7B model never needs a second full-precision copy in memory.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,11 +19,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.config import ModelConfig
+from engine.config import ModelConfig, QuantPolicy, QuantSpec
 from engine.errors import CheckpointError
 from engine.layers.linear import QuantLinear
 from engine.models.llama import LlamaModel
 from engine.progress import progress_bar
+
+log = logging.getLogger("nibble.loader")
 
 SUPPORTED_ARCHS = {
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
@@ -144,22 +148,105 @@ def _reader(path: str, size: int, mtime_ns: int):
 
 def gguf_tensors(reader, cfg: ModelConfig) -> Iterator[tuple[str, Tensor]]:
     """(Hugging Face name, float32 tensor) for each tensor of a GGUF file."""
-    from gguf.quants import dequantize
-
-    permuted = cfg.arch in ("llama", "mistral")  # llama.cpp permutes q/k rows for these
     for t in reader.tensors:
         name = gguf_to_hf_name(t.name)
-        if name is None:
+        if name is not None:
+            yield name, _gguf_float(t, name, cfg)
+
+
+def _gguf_float(t, name: str, cfg: ModelConfig) -> Tensor:
+    """One GGUF tensor dequantized exactly by the gguf package, as float32 in HF layout."""
+    from gguf.quants import dequantize
+
+    try:
+        w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), copy=True))
+    except (ValueError, NotImplementedError) as exc:
+        raise CheckpointError(f"cannot read GGUF tensor {t.name} ({t.tensor_type.name}): {exc}") from None
+    w = w.float().reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
+    return _unpermute(w, name, cfg)
+
+
+def _unpermute(w: Tensor, name: str, cfg: ModelConfig) -> Tensor:
+    """q/k rows back from llama.cpp's order (llama and mistral files only); any row-major
+    tensor works, packed codes and per-row scales included."""
+    if cfg.arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
+        return unpermute_rows(w, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
+    return w
+
+
+def _gguf_linear_types(reader) -> dict[str, list[str]]:
+    """Our module path -> the GGUF type of each of its weight shards, in shard order."""
+    shards: dict[str, dict[int, str]] = {}
+    for t in reader.tensors:
+        name = gguf_to_hf_name(t.name)
+        target = route(name) if name else None
+        if target is None or target[1] != "weight" or target[2] is None:
             continue
-        try:
-            w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), copy=True))
-        except (ValueError, NotImplementedError) as exc:
-            raise CheckpointError(f"cannot read GGUF tensor {t.name} ({t.tensor_type.name}): {exc}") from None
-        w = w.float().reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
-        if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
-            w = unpermute_rows(w, heads)
-        yield name, w
+        shards.setdefault(target[0], {})[target[2]] = t.tensor_type.name
+    return {m: [types[i] for i in sorted(types)] for m, types in shards.items()}
+
+
+def gguf_policy(reader, base: QuantPolicy, tied: bool) -> tuple[QuantPolicy, frozenset[str]]:
+    """`quant="gguf"`: each linear module in the format its blocks fit (engine/quant/gguf.py
+    native_spec), after the user's own rules (`base.rules`, which win); returns the policy and
+    the modules whose blocks are repacked as they are. A tied lm_head stays with the 16-bit
+    embedding."""
+    from engine.quant.gguf import native_spec
+
+    file_rules, native, counts = [], set(), {}
+    for module, types in _gguf_linear_types(reader).items():
+        if module == "lm_head" and tied:
+            continue
+        spec, repacked = native_spec(types)
+        if spec is None:
+            continue
+        file_rules.append((f"^{re.escape(module)}$", spec))
+        policy_spec = next((s for p, s in base.rules if re.search(p, module)), spec)
+        if repacked and policy_spec == spec:
+            native.add(module)
+        key = f"{spec}{'' if repacked else ' requantized'}"
+        counts[key] = counts.get(key, 0) + 1
+    label = "gguf (" + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) + ")"
+    if base.rules:
+        label += " with " + ",".join(f"{p}={s}" for p, s in base.rules)
+    policy = QuantPolicy(QuantSpec(base.float_name), base.rules + tuple(file_rules), label)
+    return policy, frozenset(native)
+
+
+def load_gguf_native(model: LlamaModel, reader, native: frozenset[str],
+                     progress: bool = True) -> None:
+    """Streams a GGUF file into `model`: the shards of `native` modules go in as repacked
+    blocks (no float copy), every other tensor through its exact dequantization."""
+    from engine.quant.gguf import convert
+
+    modules = dict(model.named_modules())
+    cfg = model.config
+    inexact = total_blocks = 0
+
+    def floats() -> Iterator[tuple[str, Tensor]]:
+        nonlocal inexact, total_blocks
+        for t in progress_bar(reader.tensors, total=len(reader.tensors), desc="loading",
+                              unit="tensor", enabled=progress):
+            name = gguf_to_hf_name(t.name)
+            target = route(name) if name else None
+            if target is None or target[0] not in native or target[1] != "weight":
+                if name is not None:
+                    yield name, _gguf_float(t, name, cfg)
+                continue
+            module = modules[target[0]]
+            rows, cols = int(t.shape[1]), int(t.shape[0])
+            try:
+                stored, bad = convert(t.tensor_type.name, t.data, rows, cols, module.spec)
+            except ValueError as exc:
+                raise CheckpointError(f"GGUF tensor {t.name}: {exc}") from None
+            inexact, total_blocks = inexact + bad, total_blocks + stored["scales"].numel()
+            module.load_stored_shard(target[2], {k: _unpermute(v, name, cfg) for k, v in stored.items()})
+
+    load_weights(model, floats(), len(reader.tensors), progress=False)
+    if inexact:
+        log.warning("%d of %d GGUF blocks have a zero point (m + 8d) that float32 cannot hold "
+                    "exactly: their weights differ from the gguf dequantization by half an ulp",
+                    inexact, total_blocks)
 
 
 def gguf_to_hf_name(name: str) -> str | None:

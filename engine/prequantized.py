@@ -1,14 +1,17 @@
 """Hugging Face directories quantized by other tools, loaded as they are: GPTQ (AutoGPTQ /
-GPTQModel layout, "gptq" and "gptq_v2" formats) and AWQ (AutoAWQ GEMM layout), 4-bit with
-contiguous groups of 32, 64 or 128.
+GPTQModel layout, "gptq" and "gptq_v2" formats, 4 and 8 bit, act-order or not) and AWQ
+(AutoAWQ GEMM layout, 4 bit), groups of 32, 64 or 128.
 
-Each quantized module's codes, zero points and scales become our int4 storage once, at load:
-the codes unchanged, scale as stored, zeros = (8 - z) * scale, so nibble's int4 formula gives
-the file's values exactly in float32 (engine/quant/external.py). Nothing is dequantized and
-quantized again. Modules the file keeps in 16 bits (lm_head, modules_to_not_convert) stay so.
+Each quantized module's codes, zero points and scales become our storage once, at load: int4
+for 4-bit files, group-wise int8 for 8-bit ones; the codes unchanged, scale as stored,
+zeros = (c - z) * scale for the format's middle code c, so nibble's formula gives the file's
+values exactly in float32 (engine/quant/external.py). Nothing is dequantized and quantized
+again. Act-order (desc_act) files have groups scattered along K: the columns are stored sorted
+by group and the layer gathers its input in that order (QuantLinear.input_perm). Modules the
+file keeps in 16 bits (lm_head, modules_to_not_convert) stay so.
 
-Not yet: act-order GPTQ (desc_act: groups are not contiguous in K), 8-bit GPTQ (it needs a
-group-wise int8 format), AWQ's GEMV layout; each is refused with a message.
+Refused with a message: AWQ's GEMV layout or without zero points, 2- and 3-bit files, groups
+other than 32/64/128, and other quant_methods.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class PrequantizedFormat:
     method: str  # gptq | awq
     group_size: int
     zero_offset: int  # GPTQ v1 stores z - 1
+    bits: int = 4
 
     @classmethod
     def read(cls, path: Path) -> PrequantizedFormat | None:
@@ -51,26 +55,24 @@ class PrequantizedFormat:
             raise CheckpointError(f"{path}: quantization {method!r} is not supported; nibble loads "
                                   f"GPTQ and AWQ checkpoints (4-bit)")
         bits, group = data.get("bits", data.get("w_bit")), data.get("group_size", data.get("q_group_size"))
-        if bits != 4:
-            raise CheckpointError(f"{path}: {bits}-bit {method.upper()} is not supported yet; nibble "
-                                  "loads 4-bit checkpoints (8-bit needs a group-wise int8 format)")
+        if bits not in ((4, 8) if method == "gptq" else (4,)):
+            raise CheckpointError(f"{path}: {bits}-bit {method.upper()} is not supported; nibble "
+                                  f"loads {'4- and 8-bit' if method == 'gptq' else '4-bit'} "
+                                  f"{method.upper()} checkpoints")
         if group not in VALID_GROUPS:
             raise CheckpointError(f"{path}: group size {group} is not supported; nibble's int4 "
-                                  f"takes {', '.join(map(str, VALID_GROUPS))}")
+                                  f"and int8-g take {', '.join(map(str, VALID_GROUPS))}")
         if method == "awq":
             version = str(data.get("version", "gemm")).lower()
             if version != "gemm" or data.get("zero_point") is False:
                 raise CheckpointError(f"{path}: AWQ version {version!r} without the GEMM layout with "
                                       "zero points is not supported")
             return cls("awq", group, 0)
-        if data.get("desc_act"):
-            raise CheckpointError(f"{path}: act-order GPTQ (desc_act) is not supported yet: its "
-                                  "groups are not contiguous along the input features")
-        return cls("gptq", group, 0 if data.get("checkpoint_format") == "gptq_v2" else 1)
+        return cls("gptq", group, 0 if data.get("checkpoint_format") == "gptq_v2" else 1, bits)
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec("int4", self.group_size)
+        return QuantSpec("int4" if self.bits == 4 else "int8", self.group_size)
 
     def policy(self, path: Path, float_name: str) -> QuantPolicy:
         """int4 for exactly the modules the files hold packed; the rest stays float_name."""
@@ -87,16 +89,22 @@ class PrequantizedFormat:
         rules = tuple((f"^{re.escape(m)}$", self.spec) for m in sorted(modules))
         return QuantPolicy(QuantSpec(float_name), rules)
 
-    def convert(self, parts: dict[str, Tensor], name: str) -> dict[str, Tensor]:
-        """One module's packed tensors -> our int4 stored tensors (qweight, scales, zeros)."""
+    def convert(self, parts: dict[str, Tensor], name: str) -> tuple[dict[str, Tensor], Tensor | None]:
+        """One module's packed tensors -> (our stored tensors (qweight, scales, zeros), the
+        input order of their columns for act-order GPTQ, else None)."""
         try:
             if self.method == "gptq":
                 q, z, scales, g_idx = external.gptq_unpack(parts["qweight"], parts["qzeros"],
-                                                           parts["scales"], parts["g_idx"], 4,
-                                                           self.zero_offset)
-                return external.to_int4(q, z, scales, self.group_size, g_idx=g_idx)
+                                                           parts["scales"], parts["g_idx"],
+                                                           self.bits, self.zero_offset)
+                perm = None
+                if external.is_act_order(g_idx, self.group_size):
+                    perm = external.act_order_permutation(g_idx, self.group_size)
+                    q, g_idx = q[:, perm], g_idx[perm]
+                return external.to_stored(q, z, scales, self.group_size, g_idx=g_idx,
+                                          bits=self.bits), perm
             q, z, scales = external.awq_unpack(parts["qweight"], parts["qzeros"], parts["scales"])
-            return external.to_int4(q, z, scales, self.group_size)
+            return external.to_stored(q, z, scales, self.group_size), None
         except ValueError as exc:
             raise CheckpointError(f"{name}: {exc}") from None
 
@@ -127,7 +135,7 @@ def load_prequantized(model: LlamaModel, path: Path, fmt: PrequantizedFormat, te
             parts[part] = t
             if len(parts) == len(wanted):
                 module, _, shard = route(prefix + ".weight")
-                modules[module].load_stored_shard(shard, fmt.convert(pending.pop(prefix), prefix))
+                modules[module].load_stored_shard(shard, *fmt.convert(pending.pop(prefix), prefix))
 
     load_weights(model, floats(), total, progress=False, check=False)
     if pending:

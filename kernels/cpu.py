@@ -137,7 +137,7 @@ def is_dense(prepared: Prepared) -> bool:
 
 def path(prepared: Prepared, M: int) -> str:
     """"cpu-dense" (16-bit weights, or dequantize per call at this M) or "cpu-fused"."""
-    if is_dense(prepared):
+    if is_dense(prepared) or "codes" in prepared:
         return "cpu-dense"
     start = prepared.get("dense_from")
     return "cpu-dense" if start is not None and start <= M else "cpu-fused"
@@ -404,6 +404,57 @@ def int8_linear(x: Tensor, prepared: Prepared, bias: Tensor | None = None) -> Te
     if path(prepared, x2.shape[0]) == "cpu-dense":
         return _finish(_dense_rows(x2, _int8_dense_t(prepared), N), x.shape[:-1], N, bias)
     return _finish(_int8_fused(x2, prepared), x.shape[:-1], N, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8g (group-wise int8): no fused op; dequantize per call into fp32 scratch, one fp32 GEMM
+# ---------------------------------------------------------------------------------------------
+
+
+def int8g_prepare(
+    qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, K: int,
+    act_dtype: torch.dtype = torch.bfloat16, batch_invariant: bool = False,
+) -> Prepared:
+    """qweight uint8 [N, K], scales/zeros float32 [N, G] -> {"codes" uint8 [N, G*g], "scales",
+    "offsets" float32 [N, G, 1], "N", "K"}; offsets = zeros - 128 * scales.
+
+    PyTorch has no group-wise int8 op, so each call dequantizes the layer into a float32
+    scratch buffer shared by every layer of its shape (W = q * scale + offset, one multiply and
+    one add per weight) and runs one float32 GEMM: the 8-bit codes stay the only resident copy,
+    and the values the GEMM sees are exact in float32 (benchmarks/gguf.py times it against
+    the other formats). act_dtype and batch_invariant are accepted for the common signature:
+    float32 math serves every activation dtype, and one path serves every batch size.
+    """
+    del act_dtype, batch_invariant
+    N = qweight.shape[0]
+    G = scales.shape[1]
+    pad = G * group_size - K
+    codes = qweight if not pad else torch.cat([qweight, qweight.new_full((N, pad), 128)], 1)
+    scales = scales.float()
+    offsets = zeros.float() - 128.0 * scales
+    return {"codes": codes.contiguous(), "scales": scales[..., None].contiguous(),
+            "offsets": offsets[..., None].contiguous(), "N": N, "K": K}
+
+
+def _int8g_dense(prepared: Prepared) -> Tensor:
+    """fp32 W [N, K] dequantized into a shared scratch buffer."""
+    codes, scales = prepared["codes"], prepared["scales"]
+    N, G = scales.shape[:2]
+    w = _scratch("int8g-dense", tuple(codes.shape), torch.float32)
+    w3 = w.view(N, G, -1)
+    torch.mul(codes.view(N, G, -1), scales, out=w3)
+    w3.add_(prepared["offsets"])
+    return w[:, : prepared["K"]]
+
+
+def int8g_linear(x: Tensor, prepared: Prepared, bias: Tensor | None = None) -> Tensor:
+    """x [..., K] -> [..., N] in x's dtype."""
+    K, N = prepared["K"], prepared["N"]
+    if x.shape[-1] != K:
+        raise ValueError(f"int8g linear expects x[..., {K}], got {tuple(x.shape)}")
+    x2 = x.reshape(-1, K)
+    y = torch.mm(x2.float(), _int8g_dense(prepared).T).to(x.dtype)
+    return _finish(y, x.shape[:-1], N, bias)
 
 
 # ---------------------------------------------------------------------------------------------

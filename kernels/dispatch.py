@@ -9,7 +9,7 @@ The engine asks once, at load:
 
 Every format and backend has this same signature, so callers never branch on either.
 `stored_tensors` uses the storage names of kernels/reference.py: "qweight", "scales" (int8,
-int4), "zeros" (int4), "absmax" (nf4).
+int8g, int4), "zeros" (int8g, int4), "absmax" (nf4).
 
 Backends: "cpu" (PyTorch's fused CPU ops, kernels/cpu.py) on CPU; "triton" (kernels/triton/)
 on CUDA, where its prepare also measures, per batch-size bucket, whether the fused kernel or
@@ -32,10 +32,10 @@ from kernels import cpu, reference
 
 log = logging.getLogger("nibble.kernels")
 
-Format = Literal["int8", "int4", "nf4"]
+Format = Literal["int8", "int8g", "int4", "nf4"]
 Backend = Literal["cpu", "reference", "triton"]
 
-FORMATS: tuple[str, ...] = ("int8", "int4", "nf4")
+FORMATS: tuple[str, ...] = ("int8", "int8g", "int4", "nf4")
 BACKENDS: tuple[str, ...] = ("cpu", "reference", "triton")
 
 # What prepare returns and linear reads: tensors plus sizes (and, for triton, the plan).
@@ -116,6 +116,10 @@ def _ref_int4(x: Tensor, p: Prepared, bias: Tensor | None = None) -> Tensor:
     return reference.int4_linear(x, p["qweight"], p["scales"], p["zeros"], p["group_size"], bias)
 
 
+def _ref_int8g(x: Tensor, p: Prepared, bias: Tensor | None = None) -> Tensor:
+    return reference.int8g_linear(x, p["qweight"], p["scales"], p["zeros"], p["group_size"], bias)
+
+
 def _ref_nf4(x: Tensor, p: Prepared, bias: Tensor | None = None) -> Tensor:
     return reference.nf4_linear(x, p["qweight"], p["absmax"], p["group_size"], bias)
 
@@ -138,6 +142,16 @@ def _cpu_int4_prepare(
     t = tensors
     return cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], g, K, act_dtype,
                             batch_invariant)
+
+
+def _cpu_int8g_prepare(
+    tensors: Mapping[str, Tensor], *, K: int, group_size: int | None, act_dtype: torch.dtype,
+    batch_invariant: bool = False,
+) -> Prepared:
+    g = _need_group("int8g", group_size)
+    t = tensors
+    return cpu.int8g_prepare(t["qweight"], t["scales"], t["zeros"], g, K, act_dtype,
+                             batch_invariant)
 
 
 def _cpu_nf4_prepare(
@@ -166,7 +180,7 @@ def _triton_prepare(fmt: str) -> PrepareFn:
             return qgemm.linear(x, w, code, g, N, None, cfg)
 
         key = tuning.shape_key(fmt, K, N, g, act_dtype)
-        plan = tuning.plan_for(key, run, K, act_dtype, device, packed=fmt != "int8")
+        plan = tuning.plan_for(key, run, K, act_dtype, device, packed=fmt in ("int4", "nf4"))
         if batch_invariant:  # one launch config for every M: a row never depends on its batch
             plan = [plan[-1]] * len(plan)
         return {"w": w, "fmt": code, "group_size": g, "K": K, "N": N, "plan": plan}
@@ -202,12 +216,15 @@ def path_label(backend: str, prepared: Prepared, M: int) -> str:
 _KERNELS: dict[tuple[str, str], tuple[PrepareFn, LinearFn]] = {
     ("int8", "reference"): (_ref_prepare, _ref_int8),
     ("int4", "reference"): (_ref_prepare, _ref_int4),
+    ("int8g", "reference"): (_ref_prepare, _ref_int8g),
     ("nf4", "reference"): (_ref_prepare, _ref_nf4),
     ("int8", "cpu"): (_cpu_int8_prepare, cpu.int8_linear),
     ("int4", "cpu"): (_cpu_int4_prepare, cpu.int4_linear),
+    ("int8g", "cpu"): (_cpu_int8g_prepare, cpu.int8g_linear),
     ("nf4", "cpu"): (_cpu_nf4_prepare, cpu.nf4_linear),
     ("int8", "triton"): (_triton_prepare("int8"), _triton_linear),
     ("int4", "triton"): (_triton_prepare("int4"), _triton_linear),
+    ("int8g", "triton"): (_triton_prepare("int8g"), _triton_linear),
     ("nf4", "triton"): (_triton_prepare("nf4"), _triton_linear),
 }
 

@@ -7,6 +7,9 @@ Storage formats (weights are [N, K] = [out_features, in_features], y = x @ W.T):
 
 - int8  (per output channel, symmetric): qweight int8 [N, K], scales float32 [N].
         W = qweight * scales[:, None]
+- int8g (group-wise along K, asymmetric): qweight uint8 [N, K], scales and zeros float32
+        [N, G].  W[n, k] = (q[n, k] - 128) * scales[n, k//g] + zeros[n, k//g]
+        (int4's formula with 8-bit codes: GGUF Q8_0 and 8-bit GPTQ map onto it exactly)
 - int4  (group-wise along K, group size g): qweight uint8 [N, ceil(K/2)] (two codes per byte,
         element 2j in the low nibble, 2j+1 in the high one), scales and zeros float32 [N, G],
         G = ceil(K/g).  W[n, k] = (q[n, k] - 8) * scales[n, k//g] + zeros[n, k//g]
@@ -121,6 +124,17 @@ def dequantize_int4(
     return (q - 8.0) * s + z
 
 
+def dequantize_int8g(
+    qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, K: int
+) -> Tensor:
+    """qweight uint8 [N, K], scales/zeros [N, G] -> float32 [N, K]."""
+    if qweight.shape[1] != K:
+        raise ValueError(f"int8g qweight has {qweight.shape[1]} columns, expected K={K}")
+    s = expand_groups(scales.float(), K, group_size)
+    z = expand_groups(zeros.float(), K, group_size)
+    return (qweight.float() - 128.0) * s + z
+
+
 def dequantize_nf4(qweight: Tensor, absmax: Tensor, group_size: int, K: int) -> Tensor:
     """qweight uint8 [N, ceil(K/2)], absmax [N, G] -> float32 [N, K]."""
     codes = unpack_nibbles(qweight, K).long()
@@ -156,6 +170,19 @@ def int4_linear(
 ) -> Tensor:
     """x [..., K] -> [..., N] in x.dtype; weights as in dequantize_int4 with K = x.shape[-1]."""
     w = dequantize_int4(qweight, scales, zeros, group_size, x.shape[-1])
+    return _linear_f32(x, w, bias)
+
+
+def int8g_linear(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    group_size: int,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """x [..., K] -> [..., N] in x.dtype; weights as in dequantize_int8g with K = x.shape[-1]."""
+    w = dequantize_int8g(qweight, scales, zeros, group_size, x.shape[-1])
     return _linear_f32(x, w, bias)
 
 
@@ -224,6 +251,21 @@ def quantize_int4(
         q = torch.round((wg - lo[..., None]) * _safe_reciprocal(scales)[..., None])
     q = q.clamp_(0, 15).to(torch.uint8)
     return pack_nibbles(_ungrouped(q, K)), scales, zeros
+
+
+def quantize_int8g(w: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """w [N, K] any float dtype -> (qweight uint8 [N, K], scales, zeros float32 [N, G]).
+
+    scale = (max - min) / 255, q = round((w - min) / scale), zeros = min + 128 * scale, so
+    (q - 128) * scale + zeros = min + q * scale.  Codes are clamped to 0..255.
+    """
+    K = w.shape[1]
+    wg = _grouped(w.float(), group_size)  # [N, G, g]
+    lo, hi = wg.amin(dim=2), wg.amax(dim=2)
+    scales = (hi - lo) / 255.0
+    q = torch.round((wg - lo[..., None]) * _safe_reciprocal(scales)[..., None])
+    q = q.clamp_(0, 255).to(torch.uint8)
+    return _ungrouped(q, K).contiguous(), scales, lo + 128.0 * scales
 
 
 def quantize_nf4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:

@@ -19,9 +19,11 @@ directory, a .gguf file, or a checkpoint saved by `nibble quantize`) and choose 
 layers are stored: fp32, bf16, fp16, int8, int4 (-g32/-g64/-g128, -sym) or nf4. lm_head,
 embeddings and norms stay 16-bit unless a --rule names them."""
 
-QUANT_HELP = ("storage of the linear layers: fp32, bf16, fp16, int8 (per channel), int4 (group 128; "
-              "int4-g32, int4-g64, int4-sym), nf4 (group 64). Default: bf16, or what a "
-              "pre-quantized checkpoint holds")
+QUANT_HELP = ("storage of the linear layers: fp32, bf16, fp16, int8 (per channel; int8-g32 "
+              "group-wise), int4 (group 128; int4-g32, int4-g64, int4-sym), nf4 (group 64), or "
+              "gguf: a GGUF file on its own blocks (Q4_0/Q4_1 as int4-g32, Q8_0 as int8-g32, "
+              "K-quants dequantized and requantized). Default: bf16, or what a pre-quantized "
+              "checkpoint holds")
 RULE_HELP = ("per-module override REGEX=FORMAT, searched in the module name "
              "(e.g. 'self_attn\\..*=int8', 'mlp\\..*=int4', 'lm_head=int8'); repeatable, first match wins")
 
@@ -102,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens, in "
                    "chunks of --calib-ctx (default 16384)")
     m.add_argument("--calib-ctx", type=int, default=512, help="tokens per calibration chunk (default 512)")
-    m.add_argument("--bits", type=int, default=4, help="bits per weight (gptq: 4)")
+    m.add_argument("--bits", type=int, default=4, help="bits per weight: gptq 4 or 8 (8 loads "
+                   "as group-wise int8), awq 4 (default 4)")
+    m.add_argument("--act-order", action="store_true", help="gptq: quantize the input features "
+                   "in order of decreasing Hessian diagonal (desc_act), so the loudest ones are "
+                   "rounded first and the rest absorb their error; nibble serves it by "
+                   "gathering each layer's input in the stored order")
     m.add_argument("--group-size", type=int, default=128, help="weights per scale and zero point "
                    "along the input features: 32, 64 or 128 (default 128)")
     _model_args(quant)

@@ -167,6 +167,9 @@ def _quantize_calibrated(args: argparse.Namespace, cfg: EngineConfig) -> int:
     from engine.llm import LLM
 
     calibrate.check_options(args.method, args.bits, args.group_size)
+    if args.act_order and args.method != "gptq":
+        raise ConfigError("--act-order is a GPTQ option (the order columns are quantized in); "
+                          "drop it or use --method gptq")
     if cfg.quant or cfg.rules:
         raise ConfigError(f"--method {args.method} quantizes every linear layer but lm_head to "
                           "--bits and --group-size; drop --quant and --rule")
@@ -182,15 +185,17 @@ def _quantize_calibrated(args: argparse.Namespace, cfg: EngineConfig) -> int:
     start = time.perf_counter()
     if args.method == "gptq":
         results = calibrate.quantize_model(llm.model, calibrate.collect_hessians(llm, chunks),
-                                           args.bits, args.group_size)
+                                           args.bits, args.group_size, act_order=args.act_order)
     else:
         results = calibrate.awq_model(llm.model, calibrate.collect_inputs(llm, chunks),
                                       args.group_size)
     calibrate.save_packed(llm.model, llm.tokenizer, results, args.out, args.method,
                           args.group_size, extra={"quantizer": "nibble", "calibration": name,
-                                                  "calibration_tokens": len(chunks) * args.calib_ctx})
+                                                  "calibration_tokens": len(chunks) * args.calib_ctx},
+                          bits=args.bits)
+    order = ", act-order" if args.act_order else ""
     print(f"saved {llm.loaded.source.name} as {args.method.upper()} int{args.bits}, group "
-          f"{args.group_size}, calibrated on {len(chunks) * args.calib_ctx} tokens of {name}, to "
+          f"{args.group_size}{order}, calibrated on {len(chunks) * args.calib_ctx} tokens of {name}, to "
           f"{args.out} ({time.perf_counter() - start:.0f} s)")
     return 0
 
@@ -228,14 +233,14 @@ def variant_config(text: str, base: EngineConfig) -> tuple[str, EngineConfig]:
     from pathlib import Path
 
     from engine import hub
-    from engine.config import QuantSpec
+    from engine.config import QuantPolicy
     from server.cli import is_config_name, read_config
 
     text = text.strip()
     if not text:
         raise ConfigError("a variant is empty; give a quantization, a model or a config")
     try:
-        QuantSpec.parse(text)
+        QuantPolicy.build(text)
         return text, dataclasses.replace(base, quant=text, rules=())
     except ConfigError as exc:
         not_quant = str(exc)
@@ -245,7 +250,7 @@ def variant_config(text: str, base: EngineConfig) -> tuple[str, EngineConfig]:
         return Path(text).name.removesuffix(".toml"), EngineConfig.from_dict(data)
     model, _, quant = text.rpartition(":")
     if model and not Path(text).exists():
-        QuantSpec.parse(quant)  # MODEL:QUANT with a typo in QUANT fails here, naming it
+        QuantPolicy.build(quant)  # MODEL:QUANT with a typo in QUANT fails here, naming it
         hub.resolve_model(model, progress=False)
         return text, dataclasses.replace(base, model=model, quant=quant, rules=())
     try:

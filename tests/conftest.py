@@ -45,6 +45,23 @@ def llm_factory(default_source):
     return _llm
 
 
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, default_source):
+    """A 2-layer Llama with random weights as a Hugging Face directory (the default model's
+    tokenizer)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.tokenizer import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=96,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    load_tokenizer("gguf", default_source.path).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

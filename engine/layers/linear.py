@@ -33,6 +33,8 @@ class QuantLinear(nn.Module):
         self.has_bias = bias
         self.bias: Tensor | None = None
         self.act_dtype = act_dtype
+        # act-order GPTQ: the stored columns are the inputs in this order (x[..., perm] @ W.T)
+        self.input_perm: Tensor | None = None
         self._pending: dict[tuple[str, int], Tensor] = {}
 
     def load_shard(self, kind: str, shard: int, tensor: Tensor) -> None:
@@ -44,9 +46,13 @@ class QuantLinear(nn.Module):
         self._pending[(kind, shard)] = tensor
         self._flush(kind)
 
-    def load_stored_shard(self, shard: int, tensors: dict[str, Tensor]) -> None:
+    def load_stored_shard(self, shard: int, tensors: dict[str, Tensor],
+                          input_perm: Tensor | None = None) -> None:
         """One shard's stored tensors from a pre-quantized checkpoint that keeps q, k and v
-        (gate and up) apart; joined along the output features once every shard is in."""
+        (gate and up) apart; joined along the output features once every shard is in.
+        `input_perm`: the input order of the stored columns (act-order GPTQ); shards joined
+        into one module must share it."""
+        self._pending[("perm", shard)] = input_perm
         self._pending[("stored", shard)] = tensors
         self._flush("stored")
 
@@ -58,6 +64,13 @@ class QuantLinear(nn.Module):
         for i in range(len(shards)):
             del self._pending[(kind, i)]
         if kind == "stored":
+            perms = [self._pending.pop(("perm", i)) for i in range(len(shards))]
+            if any(p is None for p in perms) != all(p is None for p in perms) or any(
+                    p is not None and not torch.equal(p, perms[0]) for p in perms):
+                raise CheckpointError(
+                    "the shards of one fused module (q/k/v or gate/up) were stored with different "
+                    "act-order column orders; nibble joins them and needs one input order")
+            self.input_perm = perms[0]
             self.method.load({k: torch.cat([s[k] for s in shards], 0) for k in shards[0]})
             return
         full = shards[0] if len(shards) == 1 else torch.cat(shards, 0)
@@ -66,9 +79,11 @@ class QuantLinear(nn.Module):
         else:
             self.bias = full.to(self.act_dtype)
 
-    def load_quantized(self, tensors: dict[str, Tensor], bias: Tensor | None) -> None:
+    def load_quantized(self, tensors: dict[str, Tensor], bias: Tensor | None,
+                       input_perm: Tensor | None = None) -> None:
         """Stored tensors from a pre-quantized checkpoint: no quantization happens."""
         self.method.load(tensors)
+        self.input_perm = input_perm
         if bias is not None:
             self.bias = bias.to(self.act_dtype)
 
@@ -80,9 +95,14 @@ class QuantLinear(nn.Module):
         self.method.prepare(device, batch_invariant)
         if self.bias is not None:
             self.bias = self.bias.to(device)
+        if self.input_perm is not None:
+            self.input_perm = self.input_perm.to(device=device, dtype=torch.int64)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.method.apply(x.to(self.act_dtype), self.bias)
+        x = x.to(self.act_dtype)
+        if self.input_perm is not None:
+            x = x.index_select(-1, self.input_perm)
+        return self.method.apply(x, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, format={self.spec}"

@@ -134,4 +134,4 @@ def make_method(
     spec: QuantSpec, in_features: int, out_features: int, act_dtype: torch.dtype
 ) -> StoredMethod:
     """The method for one linear layer; the registry is filled by importing engine.quant."""
-    return _REGISTRY[spec.method](spec, in_features, out_features, act_dtype)
+    return _REGISTRY[spec.format](spec, in_features, out_features, act_dtype)

@@ -299,7 +299,34 @@ def awq_dequantize(qweight: Tensor, qzeros: Tensor, scales: Tensor, group_size: 
 # ---------------------------------------------------------------------------------------------
 
 
-def to_int4(
+def act_order_permutation(g_idx: Tensor, group_size: int) -> Tensor:
+    """For an act-order g_idx [K]: the input order `perm` (int64 [K]) in which the groups are
+    contiguous, g_idx[perm] == k // group_size. A layer stored with its columns in that order
+    computes y = x[..., perm] @ W[:, perm].T, the same sum as x @ W.T.
+
+    Raises ValueError unless every group but the last holds exactly `group_size` columns (what
+    GPTQ's act-order writes: g_idx[perm_H[i]] = i // group_size for its Hessian order perm_H).
+    """
+    _check_group_size(group_size)
+    K = g_idx.numel()
+    g = _check_g_idx(g_idx.reshape(-1), K, num_groups(K, group_size))
+    perm = torch.argsort(g, stable=True)
+    if not torch.equal(g[perm], group_index(K, group_size, g.device)):
+        counts = torch.bincount(g, minlength=num_groups(K, group_size)).tolist()
+        raise ValueError(f"g_idx groups hold {counts} columns; act-order needs {group_size} each "
+                         f"(the last may be shorter)")
+    return perm
+
+
+def to_int4(q: Tensor, z: Tensor, scales: Tensor, group_size: int, *,
+            g_idx: Tensor | None = None, bits: int = 4) -> dict[str, Tensor]:
+    """to_stored for 4-bit codes only (our int4 storage)."""
+    if bits != 4:
+        raise ValueError(f"our int4 storage holds 4-bit codes only, got bits={bits}")
+    return to_stored(q, z, scales, group_size, g_idx=g_idx, bits=4)
+
+
+def to_stored(
     q: Tensor,
     z: Tensor,
     scales: Tensor,
@@ -308,30 +335,33 @@ def to_int4(
     g_idx: Tensor | None = None,
     bits: int = 4,
 ) -> dict[str, Tensor]:
-    """Unpacked 4-bit GPTQ / AWQ weights -> our int4 tensors {qweight, scales, zeros}.
+    """Unpacked GPTQ / AWQ weights -> our stored tensors {qweight, scales, zeros}: int4 for
+    4-bit codes, group-wise int8 (int8g) for 8-bit ones.
 
-    q int [N, K] codes 0..15, z int [G, N] zero points 0..16 (16 arises from v1's offset),
-    scales [G, N], contiguous groups of `group_size` along K (the last one may be shorter).
-    Returns qweight uint8 [N, ceil(K/2)], scales and zeros float32 [N, G] with
-    zeros = (8 - z) * scale, so (q - 8) * scale + zeros == (q - z) * scale.
+    q int [N, K] codes 0..2**bits - 1, z int [G, N] zero points 0..2**bits (the top value
+    arises from v1's offset), scales [G, N], contiguous groups of `group_size` along K (the
+    last one may be shorter; permute act-order columns first, see act_order_permutation).
+    Returns scales and zeros float32 [N, G] with zeros = (c - z) * scale for the format's
+    middle code c (8 or 128), so (q - c) * scale + zeros == (q - z) * scale; qweight is uint8
+    [N, ceil(K/2)] nibble-packed (int4) or [N, K] (int8g).
 
     Exact in float32 when the scales are float16 (or bfloat16) values: a float16 significand
-    has 11 bits, and times an integer of magnitude at most 16 it needs at most 16, well inside
-    float32's 24; so (q - 8) * s and (8 - z) * s are exact, and their sum (q - z) * s is also
-    representable, hence exact after rounding.  Arbitrary float32 scales can lose that.
+    has 11 bits, and times an integer of magnitude at most 2**bits it needs at most 11 + 9,
+    inside float32's 24; so (q - c) * s and (c - z) * s are exact, and their sum (q - z) * s is
+    also representable, hence exact after rounding.  Arbitrary float32 scales can lose that.
     """
-    if bits != 4:
-        raise ValueError(f"our int4 storage holds 4-bit codes only, got bits={bits}")
-    _check_codes(q, 4, "q")
+    if bits not in (4, 8):
+        raise ValueError(f"nibble stores 4-bit (int4) and 8-bit (int8g) codes, got bits={bits}")
+    _check_codes(q, bits, "q")
     N, K = q.shape
     _check_group_size(group_size)
     G = num_groups(K, group_size)
     if g_idx is not None and is_act_order(_check_g_idx(g_idx, K, G), group_size):
         raise ValueError(
             "g_idx is not k // group_size (act-order / desc_act): its groups are not "
-            "contiguous along K, which int4 storage requires"
+            "contiguous along K; permute the columns first (act_order_permutation)"
         )
-    _check_codes(z, 4, "z", top=16)
+    _check_codes(z, bits, "z", top=1 << bits)
     if tuple(z.shape) != (G, N):
         raise ValueError(
             f"z must have shape [G, N] = {[G, N]} for K={K} and group size {group_size}, "
@@ -339,9 +369,11 @@ def to_int4(
         )
     _check_scales(scales, G, N)
     s = scales.float()
-    zeros = (8 - z).float() * s
+    middle = 1 << (bits - 1)
+    zeros = (middle - z).float() * s
+    codes = q.to(torch.uint8)
     return {
-        "qweight": pack_nibbles(q.to(torch.uint8)),
+        "qweight": pack_nibbles(codes) if bits == 4 else codes.contiguous(),
         "scales": s.T.contiguous(),
         "zeros": zeros.T.contiguous(),
     }

@@ -1,4 +1,6 @@
-"""INT8 weights, W8A16: per output channel, symmetric (W = q * scale[n])."""
+"""INT8 weights, W8A16: per output channel, symmetric (``int8``: W = q * scale[n]), or
+group-wise along K, asymmetric (``int8-g32``: W = (q - 128) * scale + zero per group, the
+layout GGUF Q8_0 and 8-bit GPTQ checkpoints load into)."""
 
 from __future__ import annotations
 
@@ -23,3 +25,23 @@ class Int8Method(PackedMethod):
     def dequantize(self) -> Tensor:
         s = self.require_stored()
         return reference.dequantize_int8(s["qweight"], s["scales"])
+
+
+@register("int8g")
+class Int8GroupMethod(PackedMethod):
+    name = "int8g"
+    tensor_names = ("qweight", "scales", "zeros")
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        n, k, g = self.out_features, self.in_features, self.num_groups()
+        return {"qweight": (n, k), "scales": (n, g), "zeros": (n, g)}
+
+    def quantize(self, w: Tensor) -> dict[str, Tensor]:
+        q, scales, zeros = reference.quantize_int8g(w, self.spec.group_size)
+        return {"qweight": q, "scales": scales, "zeros": zeros}
+
+    def dequantize(self) -> Tensor:
+        s = self.require_stored()
+        return reference.dequantize_int8g(
+            s["qweight"], s["scales"], s["zeros"], self.spec.group_size, self.in_features
+        )

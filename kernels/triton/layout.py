@@ -14,6 +14,8 @@ loop and want N contiguous, so every tensor here is K-major (transposed):
   W[n, k] = codebook[q] * scales[k//g, n].
 - int8: ``qweight`` int8 [K, N] and ``scales`` float32 [N], applied to the fp32 accumulator
   after the K loop (exact: q is an integer the 16-bit dtypes hold exactly).
+- int8g: ``qweight`` uint8 [K, N], ``scales`` and ``offsets`` [G, N] in the activation dtype,
+  W[n, k] = q * scales[k//g, n] + offsets[k//g, n], offsets = zeros - 128 * scales (as int4).
 
 16-bit scales follow Marlin and llama.cpp: they are read on every call, and fp32 scales would
 add 8 bytes per group (50% more traffic than the codes themselves at g = 32).
@@ -28,8 +30,17 @@ from torch import Tensor
 
 from kernels import reference
 
-FMT_INT8, FMT_INT4, FMT_NF4 = 0, 1, 2
-FORMAT_CODES = {"int8": FMT_INT8, "int4": FMT_INT4, "nf4": FMT_NF4}
+FMT_INT8, FMT_INT4, FMT_NF4, FMT_INT8G = 0, 1, 2, 3
+FORMAT_CODES = {"int8": FMT_INT8, "int4": FMT_INT4, "nf4": FMT_NF4, "int8g": FMT_INT8G}
+CODE_OFFSET = {"int4": 8.0, "int8g": 128.0}  # the code of a zero-offset weight, per affine format
+
+
+def _affine(scales: Tensor, zeros: Tensor, fmt: str, act_dtype: torch.dtype) -> dict[str, Tensor]:
+    """Stored scales and zeros [N, G] -> K-major scales and offsets [G, N] in act_dtype; the
+    offset is computed in float32 and rounded once."""
+    scales, zeros = scales.float(), zeros.float()
+    return {"scales": scales.T.to(act_dtype).contiguous(),
+            "offsets": (zeros - CODE_OFFSET[fmt] * scales).T.to(act_dtype).contiguous()}
 
 
 def pack_k_major(codes: Tensor) -> Tensor:
@@ -59,12 +70,13 @@ def repack(fmt: str, tensors: Mapping[str, Tensor], K: int, group_size: int | No
     if fmt == "int8":
         return {"qweight": tensors["qweight"].T.contiguous(),
                 "scales": tensors["scales"].float().contiguous()}
+    if fmt == "int8g":
+        return {"qweight": tensors["qweight"].T.contiguous(),
+                **_affine(tensors["scales"], tensors["zeros"], fmt, act_dtype)}
     codes = reference.unpack_nibbles(tensors["qweight"], K)
     out = {"qweight": pack_k_major(codes)}
     if fmt == "int4":
-        scales, zeros = tensors["scales"].float(), tensors["zeros"].float()
-        out["scales"] = scales.T.to(act_dtype).contiguous()
-        out["offsets"] = (zeros - 8.0 * scales).T.to(act_dtype).contiguous()
+        out.update(_affine(tensors["scales"], tensors["zeros"], fmt, act_dtype))
     elif fmt == "nf4":
         out["scales"] = tensors["absmax"].float().T.to(act_dtype).contiguous()
         out["codebook"] = reference.NF4_CODEBOOK.to(codes.device)
@@ -77,8 +89,8 @@ def dequantize(fmt: str, t: Mapping[str, Tensor], K: int, group_size: int | None
     """The layout above back to float32 [N, K], for tests and debugging."""
     if fmt == "int8":
         return t["qweight"].T.float() * t["scales"][:, None]
-    q = unpack_k_major(t["qweight"], K).long()
+    q = t["qweight"].T.long() if fmt == "int8g" else unpack_k_major(t["qweight"], K).long()
     s = reference.expand_groups(t["scales"].T.float(), K, group_size)
-    if fmt == "int4":
+    if fmt in CODE_OFFSET:
         return q.float() * s + reference.expand_groups(t["offsets"].T.float(), K, group_size)
     return t["codebook"][q] * s

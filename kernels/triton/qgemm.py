@@ -1,4 +1,4 @@
-"""Fused dequantize-GEMM kernels for int4, int8 and nf4 weights (layout: kernels/triton/layout.py).
+"""Fused dequantize-GEMM kernels for int4, int8 (per channel or group-wise) and nf4 weights (layout: kernels/triton/layout.py).
 
 y[M, N] = x[M, K] @ W[K, N] (+ bias), W dequantized in registers from the packed layout, so a
 decode step reads 4 or 8 bits per weight. One kernel serves every format (FMT is a constexpr,
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.triton.layout import FMT_INT4, FMT_INT8
+from kernels.triton.layout import FMT_INT4, FMT_INT8, FMT_INT8G
 
 
 def interpreting() -> bool:
@@ -76,7 +76,7 @@ class KernelConfig:
 @triton.jit
 def _scale_codes(q, s_ptr, o_ptr, offs_k, offs_n, k0, K, N, stride_sg,
                  FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 weights from 4-bit codes q [R, BLOCK_N] of rows offs_k [R]; zeros outside [K, N]."""
+    """fp32 weights from codes q [R, BLOCK_N] of rows offs_k [R]; zeros outside [K, N]."""
     if GROUP % BLOCK_K == 0:
         # The tile lies inside one group: one row of scales serves all its rows.
         g_off = (k0 // GROUP) * stride_sg + offs_n[None, :]
@@ -85,7 +85,7 @@ def _scale_codes(q, s_ptr, o_ptr, offs_k, offs_n, k0, K, N, stride_sg,
         g_off = (offs_k[:, None] // GROUP) * stride_sg + offs_n[None, :]
         s_mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
     s = tl.load(s_ptr + g_off, mask=s_mask, other=0.0).to(tl.float32)
-    if FMT == 1:  # int4: q * scale + offset
+    if FMT == 1 or FMT == 3:  # int4, int8g: q * scale + offset
         o = tl.load(o_ptr + g_off, mask=s_mask, other=0.0).to(tl.float32)
         w = q.to(tl.float32) * s + o
     else:  # nf4: o_ptr is the 16-entry codebook
@@ -102,6 +102,10 @@ def _dequant_tile(w_ptr, s_ptr, o_ptr, offs_k, offs_n, k0, K, N, stride_wk, stri
     if FMT == 0:  # int8 [K, N]
         q = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], mask=mask, other=0)
         w = q.to(tl.float32)
+    elif FMT == 3:  # int8g: uint8 codes [K, N], group scales and offsets
+        q = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], mask=mask, other=0)
+        w = _scale_codes(q, s_ptr, o_ptr, offs_k, offs_n, k0, K, N, stride_sg, FMT, GROUP,
+                         BLOCK_K)
     else:
         # int4 / nf4: int32 words [K/8, N]; 8 consecutive k load the same word (cache hits)
         words = tl.load(w_ptr + (offs_k[:, None] // 8) * stride_wk + offs_n[None, :],
@@ -199,7 +203,7 @@ def _format_args(fmt: int, w: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor
     q = w["qweight"]
     if fmt == FMT_INT8:
         return q, w["scales"], w["scales"], w["scales"]
-    other = w["offsets"] if fmt == FMT_INT4 else w["codebook"]
+    other = w["offsets"] if fmt in (FMT_INT4, FMT_INT8G) else w["codebook"]
     return q, w["scales"], other, w["scales"]
 
 
@@ -211,7 +215,8 @@ def qgemm(x: Tensor, w: dict[str, Tensor], fmt: int, group_size: int, N: int,
     w       the layout of kernels/triton/layout.py for `fmt`:
             int4/nf4 qweight int32 [ceil(K/8), N]; scales [G, N] act dtype;
             int4 offsets [G, N] act dtype; nf4 codebook fp32 [16];
-            int8 qweight int8 [K, N], scales fp32 [N]
+            int8 qweight int8 [K, N], scales fp32 [N];
+            int8g qweight uint8 [K, N], scales and offsets [G, N] act dtype
     bias    [N] or None
     returns [M, N] in x.dtype
     """
@@ -220,11 +225,12 @@ def qgemm(x: Tensor, w: dict[str, Tensor], fmt: int, group_size: int, N: int,
     assert x.dtype in (torch.float16, torch.bfloat16), f"activations must be fp16/bf16, got {x.dtype}"
     assert x.stride(1) == 1, "x rows must be contiguous"
     assert qweight.is_contiguous() and qweight.shape[1] == N
-    assert qweight.shape[0] == (K if fmt == FMT_INT8 else -(-K // 8)), "qweight does not match K"
+    bytewise = fmt in (FMT_INT8, FMT_INT8G)  # one code per byte, no nibble packing
+    assert qweight.shape[0] == (K if bytewise else -(-K // 8)), "qweight does not match K"
     assert fmt == FMT_INT8 or scales.shape == (-(-K // group_size), N), "scales do not match K, N"
     assert bias is None or bias.shape == (N,)
     assert cfg.block_k % 8 == 0 and not cfg.dense
-    planes = cfg.planes and fmt != FMT_INT8
+    planes = cfg.planes and not bytewise
     assert not (planes and cfg.use_dot and cfg.block_k < 128), "plane dots need K >= 16"
     if cfg.split_k > 1:
         y = torch.zeros(M, N, device=x.device, dtype=torch.float32)

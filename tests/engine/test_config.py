@@ -12,16 +12,18 @@ from engine.errors import ConfigError
     ("int4", "int4", 128, False), ("int4-g32", "int4", 32, False), ("INT4-G64", "int4", 64, False),
     ("int4-sym", "int4", 128, True), ("int4-sym-g64", "int4", 64, True), ("nf4", "nf4", 64, False),
     ("nf4-g128", "nf4", 128, False), ("int8", "int8", None, True), ("bf16", "bf16", None, False),
+    ("int8-g32", "int8", 32, False),
 ])
 def test_quant_strings(text, method, group, sym):
     spec = QuantSpec.parse(text)
     assert (spec.method, spec.group_size, spec.symmetric) == (method, group, sym)
     assert QuantSpec.parse(str(spec)) == spec
+    assert spec.format == ("int8g" if text == "int8-g32" else method)
 
 
 @pytest.mark.parametrize("text,hint", [
     ("int5", "Valid:"), ("in4", "Did you mean 'int4'"), ("int4-g100", "g32, g64, g128"),
-    ("int8-g64", "unknown option"), ("nf4-sym", "unknown option"), ("bf16-g64", "Valid:"),
+    ("int8-sym", "unknown option"), ("int8-g48", "g32, g64, g128"), ("nf4-sym", "unknown option"), ("bf16-g64", "Valid:"),
 ])
 def test_bad_quant_strings(text, hint):
     with pytest.raises(ConfigError, match=hint):

@@ -1,7 +1,9 @@
-"""GPTQ and AWQ, written and read. `nibble quantize --method gptq|awq` calibrates the default
-model and writes each method's standard layout. Each directory loads with every module's int4
-values equal to the format's own dequantization of the files, serves, and on held-out text is
-closer to the float model than round-to-nearest at the same group size. GPTQ and AWQ each
+"""GPTQ and AWQ, written and read. `nibble quantize --method gptq --act-order|awq` calibrates
+the default model and writes each method's standard layout. Each directory loads with every
+module's int4 values equal to the format's own dequantization of the files (act-order columns
+in the stored order the layer gathers its input in), serves, and on held-out text is closer
+to the float model than round-to-nearest at the same group size. 8-bit GPTQ loads as
+group-wise int8 on a small random model. GPTQ and AWQ each
 beat round-to-nearest on a synthetic layer too. Unsupported variants are refused with a
 message."""
 
@@ -41,7 +43,7 @@ def _modules(path):
     return {m: [p for _, p in sorted(v)] for m, v in modules.items()}, tensors
 
 
-def _file_values(path, fmt: str) -> dict[str, torch.Tensor]:
+def _file_values(path, fmt: str, bits: int = 4) -> dict[str, torch.Tensor]:
     """Each module's weight as the format's own dequantization of the files gives it."""
     modules, t = _modules(path)
     out = {}
@@ -50,7 +52,7 @@ def _file_values(path, fmt: str) -> dict[str, torch.Tensor]:
         for p in prefixes:
             if fmt == "gptq":
                 parts.append(external.gptq_dequantize(t[f"{p}.qweight"], t[f"{p}.qzeros"],
-                                                      t[f"{p}.scales"], t[f"{p}.g_idx"], 4, 1))
+                                                      t[f"{p}.scales"], t[f"{p}.g_idx"], bits, 1))
             else:
                 parts.append(external.awq_dequantize(t[f"{p}.qweight"], t[f"{p}.qzeros"],
                                                      t[f"{p}.scales"], GROUP))
@@ -65,9 +67,15 @@ def checkpoints(tmp_path_factory):
     dirs = {}
     for method in ("gptq", "awq"):
         dirs[method] = tmp_path_factory.mktemp(method) / "out"
+        order = ["--act-order"] if method == "gptq" else []
         assert main(["quantize", "--method", method, "--calib-tokens", "512", "--calib-ctx",
-                     "256", "--group-size", str(GROUP), "--out", str(dirs[method])]) == 0
+                     "256", "--group-size", str(GROUP), "--out", str(dirs[method]), *order]) == 0
     return dirs
+
+
+def _as_stored(linear, w: torch.Tensor) -> torch.Tensor:
+    """w [N, K] with its columns in the order the layer stores them (act-order GPTQ)."""
+    return w if linear.input_perm is None else w[:, linear.input_perm]
 
 
 @pytest.mark.slow
@@ -75,13 +83,16 @@ def test_gptq_and_awq_load_to_the_formats_own_values(checkpoints):
     for fmt, path in checkpoints.items():
         config = json.loads((path / "config.json").read_text())["quantization_config"]
         assert config["quant_method"] == fmt and config["group_size"] == GROUP
+        assert config.get("desc_act", False) == (fmt == "gptq")
         expect = _file_values(path, fmt)
         loaded = build.load(EngineConfig(model=str(path)), progress=False, prepare=False)
         linears = loaded.model.quant_linears()
         assert str(linears["lm_head"].spec) == "bf16" and len(expect) == len(linears) - 1
         for name, want in expect.items():
-            assert str(linears[name].spec) == "int4-g64"
-            assert torch.equal(linears[name].method.dequantize(), want), (fmt, name)
+            lin = linears[name]
+            assert str(lin.spec) == "int4-g64"
+            assert (lin.input_perm is not None) == (fmt == "gptq")  # act-order reorders K
+            assert torch.equal(lin.method.dequantize(), _as_stored(lin, want)), (fmt, name)
 
 
 @pytest.mark.slow
@@ -101,6 +112,35 @@ def test_gptq_and_awq_serve_and_beat_round_to_nearest_on_held_out_text(checkpoin
     assert kld["gptq"] < kld["rtn"] and kld["awq"] < kld["rtn"], kld
     with pytest.raises(ConfigError, match="already quantized"):
         build.load(EngineConfig(model=str(checkpoints["gptq"]), quant="int8"), progress=False)
+
+
+def test_8_bit_act_order_gptq_loads_as_group_wise_int8(tiny_llama, tmp_path):
+    """`--bits 8 --act-order` writes 8-bit desc_act GPTQ; it loads as int8-g32 equal to the
+    files' own dequantization (columns in the stored order), scores close to the float model,
+    and a nibble checkpoint of it keeps the column order."""
+    from engine.checkpoint import save_checkpoint
+
+    out = tmp_path / "gptq8"
+    assert main(["quantize", "-m", str(tiny_llama), "--method", "gptq", "--bits", "8",
+                 "--act-order", "--group-size", "32", "--calib-tokens", "256", "--calib-ctx",
+                 "64", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (config["bits"], config["desc_act"]) == (8, True)
+    loaded = build.load(EngineConfig(model=str(out)), progress=False, prepare=False)
+    linears = loaded.model.quant_linears()
+    expect = _file_values(out, "gptq", bits=8)
+    assert len(expect) == 8
+    for name, want in expect.items():
+        lin = linears[name]
+        assert str(lin.spec) == "int8-g32" and lin.input_perm is not None
+        assert torch.equal(lin.method.dequantize(), _as_stored(lin, want)), name
+    ids = list(range(100, 140))
+    ref = LLM(str(tiny_llama), quant="fp32", progress=False, max_model_len=128).score(ids)
+    got = LLM(str(out), progress=False, max_model_len=128).score(ids)
+    assert (got.float() - ref).abs().max() <= 0.05 * ref.abs().max()
+    save_checkpoint(loaded.model, loaded.tokenizer, tmp_path / "nibble", str(out))
+    again = LLM(str(tmp_path / "nibble"), progress=False, max_model_len=128).score(ids)
+    assert torch.equal(again, got)
 
 
 def test_gptq_lowers_the_layer_output_error_against_round_to_nearest():
@@ -141,7 +181,9 @@ def test_awq_scales_lower_the_output_error_where_some_features_are_large():
 
 
 def test_quantize_gptq_usage_errors(tmp_path, capsys):
-    for flags, message in ((["--bits", "8"], "--bits 8"), (["--group-size", "96"], "--group-size 96"),
+    for flags, message in ((["--bits", "3"], "--bits 3"), (["--group-size", "96"], "--group-size 96"),
+                           (["--method", "awq", "--act-order"], "GPTQ option"),
+                           (["--method", "awq", "--bits", "8"], "AWQ"),
                            (["-q", "int8"], "drop --quant"), (["--calib-tokens", "8"], "--calib-tokens 8"),
                            (["--method", "awq", "--bits", "3"], "AWQ checkpoints")):
         assert main(["quantize", "--method", "gptq", "--out", str(tmp_path / "o"), *flags]) == 2
@@ -149,8 +191,8 @@ def test_quantize_gptq_usage_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("quant, message", [
-    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True}, "act-order"),
-    ({"quant_method": "gptq", "bits": 8, "group_size": 128}, "8-bit GPTQ is not supported yet"),
+    ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "3-bit GPTQ is not supported"),
+    ({"quant_method": "awq", "bits": 8, "group_size": 128}, "8-bit AWQ is not supported"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 96}, "group size 96"),
     ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "GEMM layout"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "'bitsandbytes' is not supported"),

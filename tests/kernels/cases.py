@@ -28,8 +28,9 @@ def quantize(fmt: str, w: torch.Tensor, group_size: int) -> dict[str, torch.Tens
     if fmt == "int8":
         qweight, scales = R.quantize_int8(w)
         return {"qweight": qweight, "scales": scales}
-    if fmt == "int4":
-        qweight, scales, zeros = R.quantize_int4(w, group_size)
+    if fmt in ("int4", "int8g"):
+        quantizer = R.quantize_int4 if fmt == "int4" else R.quantize_int8g
+        qweight, scales, zeros = quantizer(w, group_size)
         return {"qweight": qweight, "scales": scales, "zeros": zeros}
     qweight, absmax = R.quantize_nf4(w, group_size)
     return {"qweight": qweight, "absmax": absmax}
@@ -38,13 +39,15 @@ def quantize(fmt: str, w: torch.Tensor, group_size: int) -> dict[str, torch.Tens
 def magnitude(fmt: str, t: dict[str, torch.Tensor], K: int, g: int,
               offsets: bool = False) -> torch.Tensor:
     """A [N, K]: what the weight rounding error scales with (see the module docstring).
-    offsets: int4 computed as q * s + (z - 8s), as the Triton kernels do."""
-    if fmt == "int4":
-        q = R.unpack_nibbles(t["qweight"], K).float()
+    offsets: int4 (int8g) computed as q * s + (z - 8s) (z - 128s), as the Triton kernels do."""
+    if fmt in ("int4", "int8g"):
+        unpacked = fmt == "int8g"
+        q = (t["qweight"] if unpacked else R.unpack_nibbles(t["qweight"], K)).float()
         s, z = R.expand_groups(t["scales"], K, g), R.expand_groups(t["zeros"], K, g)
+        mid = 128 if unpacked else 8
         if offsets:
-            return q * s + (z - 8 * s).abs()
-        return (q - 8).abs() * s + z.abs()
+            return q * s + (z - mid * s).abs()
+        return (q - mid).abs() * s + z.abs()
     if fmt == "int8":
         return R.dequantize_int8(t["qweight"], t["scales"]).abs()
     return R.dequantize_nf4(t["qweight"], t["absmax"], g, K).abs()

@@ -60,6 +60,15 @@ def test_int8_matchesreference(N, K, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("g", GROUPS)
+@pytest.mark.parametrize("K", [64, 192, 576])
+@pytest.mark.parametrize("N", NS)
+def test_group_wise_int8_matches_reference(N, K, g, dtype):
+    prepared = _check("int8g", N, K, g, dtype, seed=N + K + g)
+    assert cpu.path(prepared, 1) == "cpu-dense"  # dequantized per call: no fused op exists
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("g", GROUPS)
 @pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("N", NS)
 def test_nf4_matchesreference(N, K, g, dtype):
@@ -97,7 +106,7 @@ def test_int4_pads_n_to_16():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("fmt", ["int8", "int4", "nf4"])
+@pytest.mark.parametrize("fmt", ["int8", "int8g", "int4", "nf4"])
 def test_leading_dims_and_bias(fmt, dtype):
     K, N, g = 192, 96, 64
     t = quantize(fmt, weights(N, K, 7), g)
