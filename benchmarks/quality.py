@@ -15,7 +15,11 @@ loaded once and serves as A for every row. Writes JSON under benchmarks/results/
 
 --gptq G / --awq G add a row for `nibble quantize --method gptq|awq --group-size G`
 (calibrated on its built-in text, which is not the corpus measured here), loaded from the
-directory it writes.
+directory it writes; --act-order quantizes the GPTQ row with --act-order. `--formats gguf`
+is the GGUF default model on its own blocks.
+
+    python benchmarks/quality.py --formats gguf,int4-g32,int8-g32,int8 --gptq 128 --act-order \
+        --out benchmarks/results/gguf-2026-11-23.json
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--gptq", type=int, metavar="G", help="also GPTQ int4 with group size G")
     ap.add_argument("--awq", type=int, metavar="G", help="also AWQ int4 with group size G")
+    ap.add_argument("--act-order", action="store_true", help="the --gptq row with --act-order")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -55,10 +60,12 @@ def main() -> None:
         from server.cli import main as nibble
 
         out = Path(tempfile.mkdtemp(prefix=f"nibble-{method}-")) / method
+        order = ["--act-order"] if method == "gptq" and args.act_order else []
         if nibble(["quantize", "--method", method, "--model", args.model, "--group-size",
-                   str(group), "--out", str(out)]) != 0:
+                   str(group), "--out", str(out), *order]) != 0:
             sys.exit(f"nibble quantize --method {method} failed")
-        variants.append((f"{method}-g{group}", {"model": str(out)}))
+        label = f"{method}{'-act-order' if order else ''}-g{group}"
+        variants.append((label, {"model": str(out)}))
     for fmt, how in variants:
         llm = LLM(how.get("model", args.model), quant=how.get("quant"), progress=False)
         report = compare(base, llm, "bf16", fmt, opts, progress=True).report

@@ -1,4 +1,5 @@
-"""Read and write the GPTQ and AWQ int32-packed layouts, and convert them to our int4 storage.
+"""Read and write the GPTQ, AWQ and compressed-tensors int32-packed layouts, and convert them
+to our int4 / group-wise int8 storage.
 
 Both third-party formats store the weight transposed, [K, N] (K input features, N output
 features), with several low-bit codes in each int32, lowest bits first (P = 32 // bits a word):
@@ -12,6 +13,13 @@ features), with several low-bit codes in each int32, lowest bits first (P = 32 /
 - AWQ (AutoAWQ GEMM), 4 bits: qweight int32 [K, N / 8] and qzeros int32 [G, N / 8], both packed
   along N, the nibble at shift 4 * i of word j holding column 8 * j + AWQ_ORDER[i]; scales
   float16 [G, N]; contiguous groups.  W[n, k] = (q[k, n] - z[k // g, n]) * scales[k // g, n].
+
+- compressed-tensors "pack-quantized" (llm-compressor), 4 or 8 bits: weight_packed int32
+  [N, ceil(K * bits / 32)] packed along K (our orientation), weight_scale [N, G], for
+  asymmetric schemes weight_zero_point int32 [ceil(N * bits / 32), G] packed along N,
+  weight_shape [N, K], weight_g_idx [K] with act-order; codes and zero points are stored plus
+  2**(bits - 1) (signed values made unsigned).  W[n, k] = (q[n, k] - z[n, g]) * scale[n, g]
+  (symmetric: z = 2**(bits - 1)); a "channel" scheme has G = 1.
 
 Unpacked, codes are q int32 [N, K] (our orientation), zero points z int32 [G, N] and scales
 float32 [G, N] (the formats' orientation).  Everything here is plain torch on the inputs' device.
@@ -316,6 +324,48 @@ def act_order_permutation(g_idx: Tensor, group_size: int) -> Tensor:
         raise ValueError(f"g_idx groups hold {counts} columns; act-order needs {group_size} each "
                          f"(the last may be shorter)")
     return perm
+
+
+# ---------------------------------------------------------------------------------------------
+# compressed-tensors pack-quantized
+# ---------------------------------------------------------------------------------------------
+
+
+def ct_unpack(packed: Tensor, shape: Sequence[int], scale: Tensor, zero_point: Tensor | None,
+              bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """compressed-tensors tensors -> (q int32 [N, K], z int32 [G, N], scales float32 [G, N]),
+    unsigned: z is 2**(bits - 1) everywhere for a symmetric scheme (no zero_point)."""
+    p = _per_word(bits)
+    _check_words(packed, "weight_packed")
+    N, K = (int(d) for d in shape)
+    if tuple(packed.shape) != (N, -(-K // p)):
+        raise ValueError(f"weight_packed has shape {list(packed.shape)}, expected "
+                         f"{[N, -(-K // p)]} for a {N}x{K} weight at {bits} bits")
+    if scale.dim() != 2 or scale.shape[0] != N:
+        raise ValueError(f"weight_scale must have shape [N={N}, G], got {list(scale.shape)}")
+    G = scale.shape[1]
+    q = unpack_cols(packed, bits)[:, :K]
+    if zero_point is None:
+        z = torch.full((G, N), 1 << (bits - 1), dtype=torch.int32, device=packed.device)
+    else:
+        _check_words(zero_point, "weight_zero_point")
+        if tuple(zero_point.shape) != (-(-N // p), G):
+            raise ValueError(f"weight_zero_point has shape {list(zero_point.shape)}, expected "
+                             f"{[-(-N // p), G]} (packed along N)")
+        z = unpack_cols(zero_point.T.contiguous(), bits)[:, :N]
+    return q.contiguous(), z.contiguous(), scale.float().T.contiguous()
+
+
+def ct_pack(q: Tensor, z: Tensor | None, bits: int) -> tuple[Tensor, Tensor | None]:
+    """Inverse of ct_unpack's codes: q [N, K] and z [G, N] (unsigned; None when symmetric) ->
+    (weight_packed, weight_zero_point), padding a partial last word with zeros."""
+    p = _per_word(bits)
+
+    def pack(v: Tensor) -> Tensor:
+        pad = -v.shape[1] % p
+        return pack_cols(torch.nn.functional.pad(v, (0, pad)) if pad else v, bits)
+
+    return pack(q), None if z is None else pack(z).T.contiguous()
 
 
 def to_int4(q: Tensor, z: Tensor, scales: Tensor, group_size: int, *,
