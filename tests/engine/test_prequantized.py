@@ -143,6 +143,59 @@ def test_8_bit_act_order_gptq_loads_as_group_wise_int8(tiny_llama, tmp_path):
     assert torch.equal(again, got)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # AutoAWQ says it is unmaintained
+def test_a_checkpoint_packed_by_autoawq_loads_to_its_own_dequantization(tiny_llama, tmp_path):
+    """AutoAWQ's own packer (WQLinear_GEMM.from_linear) writes every layer of a small model;
+    loaded, each module equals AutoAWQ's own dequantize_gemm (rounded to its fp16) and the
+    model scores close to the float one."""
+    pytest.importorskip("awq")
+    import shutil
+
+    from awq.modules.linear.gemm import WQLinear_GEMM
+    from awq.utils.packing_utils import dequantize_gemm
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "autoawq"
+    out.mkdir()
+    tensors, expect = {}, {}
+    for name, w in load_file(str(tiny_llama / "model.safetensors")).items():
+        if not (name.startswith("model.layers.") and name.endswith("proj.weight")):
+            tensors[name] = w.half()
+            continue
+        r = rtn_quantize(w, 4, 32)
+        scales, g = r.scales.half(), r.g_idx.long()
+        linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        linear.weight.data = scales.float()[g].T * (r.q - r.z[g].T).float()  # on the grid
+        packed = WQLinear_GEMM.from_linear(linear, 4, 32, scales=scales, zeros=r.z.float())
+        prefix = name.removesuffix(".weight")
+        for part in ("qweight", "qzeros", "scales"):
+            tensors[f"{prefix}.{part}"] = getattr(packed, part).contiguous()
+        expect[prefix] = dequantize_gemm(packed.qweight, packed.qzeros, packed.scales, 4, 32).T
+    save_file(tensors, str(out / "model.safetensors"))
+    config = json.loads((tiny_llama / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32,
+                                     "version": "gemm", "zero_point": True}
+    (out / "config.json").write_text(json.dumps(config))
+    for f in tiny_llama.glob("tokenizer*"):
+        shutil.copy(f, out / f.name)
+    loaded = build.load(EngineConfig(model=str(out)), progress=False, prepare=False)
+    linears = loaded.model.quant_linears()
+    shards: dict[str, dict[int, torch.Tensor]] = {}
+    for prefix, w in expect.items():
+        _, _, layer, hf = prefix.split(".", 3)
+        module, shard = next(t for t, n in HF_NAME.items() if n == hf)
+        shards.setdefault(f"layers.{layer}.{module}", {})[shard] = w
+    assert len(shards) == 8
+    for module, parts in shards.items():
+        want = torch.cat([parts[i] for i in sorted(parts)])
+        assert str(linears[module].spec) == "int4-g32"
+        assert torch.equal(linears[module].method.dequantize().half(), want), module
+    ids = list(range(100, 140))
+    ref = LLM(str(tiny_llama), quant="fp32", progress=False, max_model_len=128).score(ids)
+    got = LLM(str(out), progress=False, max_model_len=128).score(ids)
+    assert (got.float() - ref).abs().max() <= 0.2 * ref.abs().max()
+
+
 def test_gptq_lowers_the_layer_output_error_against_round_to_nearest():
     """On inputs with correlated features, GPTQ's output error ||X (W - Q)^T|| is well below
     round-to-nearest's with the same quantizer, groups and bits; act-order too."""
