@@ -148,7 +148,7 @@ def test_dispatch_backends_and_errors():
     assert dispatch.backend_for("cpu") == "cpu"
     want = "triton" if dispatch.triton_available() else "reference"
     assert dispatch.backend_for(torch.device("cuda", 0)) == want
-    with pytest.raises(ValueError, match="valid: int8, int4, nf4"):
+    with pytest.raises(ValueError, match="valid: int8, int8g, int4, nf4"):
         dispatch.get_kernels("int3", "cpu")
     with pytest.raises(ValueError, match="group_size"):
         dispatch.get_kernels("int4", "cpu")[0]({}, K=64, group_size=None, act_dtype=torch.float32)
