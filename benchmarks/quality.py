@@ -18,8 +18,12 @@ loaded once and serves as A for every row. Writes JSON under benchmarks/results/
 directory it writes; --act-order quantizes the GPTQ row with --act-order. `--formats gguf`
 is the GGUF default model on its own blocks.
 
-    python benchmarks/quality.py --formats gguf,int4-g32,int8-g32,int8 --gptq 128 --act-order \
+    python benchmarks/quality.py --formats gguf,int4-g32,int8-g32,int8 --gptq 128 --act-order \\
         --out benchmarks/results/gguf-2026-11-23.json
+    python benchmarks/quality.py --reference fp32 --formats bf16,gguf \\
+        --out benchmarks/results/gguf-fp32-2026-11-23.json
+
+--reference picks the A side of every row (default bf16).
 """
 
 from __future__ import annotations
@@ -47,11 +51,12 @@ def main() -> None:
     ap.add_argument("--gptq", type=int, metavar="G", help="also GPTQ int4 with group size G")
     ap.add_argument("--awq", type=int, metavar="G", help="also AWQ int4 with group size G")
     ap.add_argument("--act-order", action="store_true", help="the --gptq row with --act-order")
+    ap.add_argument("--reference", default="bf16", help="the A side of every row (default bf16)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
     opts = CompareOptions(ctx=args.ctx, chunks=args.chunks, max_tokens=args.max_tokens)
-    base = LLM(args.model, quant="bf16", progress=False)
+    base = LLM(args.model, quant=args.reference, progress=False)
     rows = []
     variants = [(fmt, {"quant": fmt}) for fmt in args.formats.split(",")]
     for method, group in (("gptq", args.gptq), ("awq", args.awq)):
@@ -68,19 +73,20 @@ def main() -> None:
         variants.append((label, {"model": str(out)}))
     for fmt, how in variants:
         llm = LLM(how.get("model", args.model), quant=how.get("quant"), progress=False)
-        report = compare(base, llm, "bf16", fmt, opts, progress=True).report
+        report = compare(base, llm, args.reference, fmt, opts, progress=True).report
         rows.append({"format": fmt, **{k: report[k] for k in ("b", "teacher_forced", "free_running", "cost")}})
         print(f"{fmt:>10}: mean KLD {report['teacher_forced']['kld']['mean']:.4f}", file=sys.stderr)
         del llm
     report = {"benchmark": "quality", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "model": args.model, "reference": "bf16", "options": vars(opts),
+              "model": args.model, "reference": args.reference, "options": vars(opts),
               "machine": machine_info(), "results": rows}
-    write_report(report, args.out, "quality", table(rows))
+    write_report(report, args.out, "quality", table(rows, args.reference))
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], reference: str = "bf16") -> str:
     lines = ["| format | mean KLD (95% CI) | p99 KLD | top-1 agreement (95% CI) | PPL ratio (95% CI) "
-             "| identical greedy outputs | median first divergence | decode vs bf16 | weights vs bf16 |",
+             f"| identical greedy outputs | median first divergence | decode vs {reference} "
+             f"| weights vs {reference} |",
              "|---|---|---:|---|---|---:|---:|---:|---:|"]
     for r in rows:
         t, f, c = r["teacher_forced"], r["free_running"], r["cost"]

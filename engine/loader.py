@@ -193,23 +193,22 @@ def gguf_policy(reader, base: QuantPolicy, tied: bool) -> tuple[QuantPolicy, fro
     embedding."""
     from engine.quant.gguf import native_spec
 
-    file_rules, native, counts = [], set(), {}
+    fits = {}  # module -> (the format its blocks fit, whether they repack as they are)
     for module, types in _gguf_linear_types(reader).items():
-        if module == "lm_head" and tied:
-            continue
         spec, repacked = native_spec(types)
-        if spec is None:
-            continue
-        file_rules.append((f"^{re.escape(module)}$", spec))
-        policy_spec = next((s for p, s in base.rules if re.search(p, module)), spec)
-        if repacked and policy_spec == spec:
-            native.add(module)
+        if spec is not None and not (module == "lm_head" and tied):
+            fits[module] = (spec, repacked)
+    file_rules = tuple((f"^{re.escape(m)}$", spec) for m, (spec, _) in fits.items())
+    counts: dict[str, int] = {}
+    for spec, repacked in fits.values():
         key = f"{spec}{'' if repacked else ' requantized'}"
         counts[key] = counts.get(key, 0) + 1
     label = "gguf (" + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) + ")"
     if base.rules:
         label += " with " + ",".join(f"{p}={s}" for p, s in base.rules)
-    policy = QuantPolicy(QuantSpec(base.float_name), base.rules + tuple(file_rules), label)
+    policy = QuantPolicy(QuantSpec(base.float_name), base.rules + file_rules, label)
+    # a user's rule may pick another format: that module then loads through the float path
+    native = {m for m, (spec, repacked) in fits.items() if repacked and policy.spec_for(m) == spec}
     return policy, frozenset(native)
 
 

@@ -173,17 +173,10 @@ def int4_linear(
     return _linear_f32(x, w, bias)
 
 
-def int8g_linear(
-    x: Tensor,
-    qweight: Tensor,
-    scales: Tensor,
-    zeros: Tensor,
-    group_size: int,
-    bias: Tensor | None = None,
-) -> Tensor:
+def int8g_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                 bias: Tensor | None = None) -> Tensor:
     """x [..., K] -> [..., N] in x.dtype; weights as in dequantize_int8g with K = x.shape[-1]."""
-    w = dequantize_int8g(qweight, scales, zeros, group_size, x.shape[-1])
-    return _linear_f32(x, w, bias)
+    return _linear_f32(x, dequantize_int8g(qweight, scales, zeros, group_size, x.shape[-1]), bias)
 
 
 def nf4_linear(
