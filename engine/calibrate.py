@@ -107,11 +107,14 @@ def save_packed(model, tokenizer, results: dict[str, GPTQResult], out: Path, lay
     return out
 
 
-def check_options(method: str, bits: int, group_size: int) -> None:
+def check_options(method: str, bits: int, group_size: int, act_order: bool = False) -> None:
     from engine.config import VALID_GROUPS
 
     if method not in ("gptq", "awq"):
         raise ConfigError(f"--method {method!r}: choose gptq or awq (or rtn)")
+    if act_order and method != "gptq":
+        raise ConfigError("--act-order is a GPTQ option (the order columns are quantized in); "
+                          "drop it or use --method gptq")
     if bits not in ((4, 8) if method == "gptq" else (4,)):
         raise ConfigError(f"--bits {bits}: GPTQ checkpoints are written with 4 or 8 bits, AWQ "
                           "checkpoints (the GEMM layout) with 4")

@@ -142,35 +142,31 @@ class PrequantizedFormat:
 
     def convert(self, parts: dict[str, Tensor], name: str) -> tuple[dict[str, Tensor], Tensor | None]:
         """One module's packed tensors -> (our stored tensors (qweight, scales, zeros), the
-        input order of their columns for act-order GPTQ, else None)."""
+        input order of their columns for act-order files, else None)."""
         try:
-            if self.method == "gptq":
-                q, z, scales, g_idx = external.gptq_unpack(parts["qweight"], parts["qzeros"],
-                                                           parts["scales"], parts["g_idx"],
-                                                           self.bits, self.zero_offset)
-                perm = None
-                if external.is_act_order(g_idx, self.group_size):
-                    perm = external.act_order_permutation(g_idx, self.group_size)
-                    q, g_idx = q[:, perm], g_idx[perm]
-                return external.to_stored(q, z, scales, self.group_size, g_idx=g_idx,
-                                          bits=self.bits), perm
-            if self.method == "awq":
-                q, z, scales = external.awq_unpack(parts["qweight"], parts["qzeros"],
-                                                   parts["scales"])
-                return external.to_stored(q, z, scales, self.group_size), None
-            q, z, scales = external.ct_unpack(parts["weight_packed"], parts["weight_shape"].tolist(),
-                                              parts["weight_scale"], parts.get("weight_zero_point"),
-                                              self.bits)
-            if self.channelwise:  # the row's scale and zero point for every group
-                G = -(-q.shape[1] // self.group_size)
-                z, scales = z.expand(G, -1).contiguous(), scales.expand(G, -1).contiguous()
-            g_idx, perm = parts.get("weight_g_idx"), None
+            q, z, scales, g_idx = self._unpack(parts)
+            perm = None
             if g_idx is not None and external.is_act_order(g_idx, self.group_size):
                 perm = external.act_order_permutation(g_idx, self.group_size)
-                q = q[:, perm]
+                q = q[:, perm]  # groups contiguous along K, as our layouts want
             return external.to_stored(q, z, scales, self.group_size, bits=self.bits), perm
         except ValueError as exc:
             raise CheckpointError(f"{name}: {exc}") from None
+
+    def _unpack(self, parts: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """-> (q [N, K], z [G, N], scales [G, N], g_idx [K] or None) in the file's column order."""
+        if self.method == "gptq":
+            return external.gptq_unpack(parts["qweight"], parts["qzeros"], parts["scales"],
+                                        parts["g_idx"], self.bits, self.zero_offset)
+        if self.method == "awq":
+            return (*external.awq_unpack(parts["qweight"], parts["qzeros"], parts["scales"]), None)
+        q, z, scales = external.ct_unpack(parts["weight_packed"], parts["weight_shape"].tolist(),
+                                          parts["weight_scale"], parts.get("weight_zero_point"),
+                                          self.bits)
+        if self.channelwise:  # the row's scale and zero point for every group
+            G = -(-q.shape[1] // self.group_size)
+            z, scales = z.expand(G, -1).contiguous(), scales.expand(G, -1).contiguous()
+        return q, z, scales, parts.get("weight_g_idx")
 
 
 def _module(prefix: str, path: Path) -> str:

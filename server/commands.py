@@ -166,10 +166,7 @@ def _quantize_calibrated(args: argparse.Namespace, cfg: EngineConfig) -> int:
     from engine.eval.texts import calibration_text, corpus_chunks
     from engine.llm import LLM
 
-    calibrate.check_options(args.method, args.bits, args.group_size)
-    if args.act_order and args.method != "gptq":
-        raise ConfigError("--act-order is a GPTQ option (the order columns are quantized in); "
-                          "drop it or use --method gptq")
+    calibrate.check_options(args.method, args.bits, args.group_size, args.act_order)
     if cfg.quant or cfg.rules:
         raise ConfigError(f"--method {args.method} quantizes every linear layer but lm_head to "
                           "--bits and --group-size; drop --quant and --rule")

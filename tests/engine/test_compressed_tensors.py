@@ -24,12 +24,12 @@ from compressed_tensors.quantization import (  # noqa: E402
 from compressed_tensors.quantization.utils.helpers import calculate_qparams  # noqa: E402
 
 from engine import LLM, build  # noqa: E402
-from engine.calibrate import HF_NAME  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.errors import CheckpointError  # noqa: E402
 from engine.prequantized import PrequantizedFormat  # noqa: E402
 from engine.quant import external  # noqa: E402
 from engine.quant.gptq import gptq_quantize  # noqa: E402
+from tests.engine.fused import by_module  # noqa: E402
 
 
 def _config(scheme: QuantizationScheme) -> dict:
@@ -75,16 +75,6 @@ def _write_dir(src, out, tensors: dict[str, torch.Tensor], quant: dict) -> None:
             shutil.copy(f, out / f.name)
 
 
-def _by_module(expect: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF prefixes -> our fused modules (q|k|v, gate|up joined along the output rows)."""
-    shards: dict[str, dict[int, torch.Tensor]] = {}
-    for prefix, w in expect.items():
-        _, _, layer, hf = prefix.split(".", 3)
-        module, shard = next(t for t, name in HF_NAME.items() if name == hf)
-        shards.setdefault(f"layers.{layer}.{module}", {})[shard] = w
-    return {m: torch.cat([s[i] for i in sorted(s)]) for m, s in shards.items()}
-
-
 @pytest.mark.parametrize("args, spec", [
     (QuantizationArgs(num_bits=4, symmetric=False, strategy="group", group_size=32), "int4-g32"),
     (QuantizationArgs(num_bits=4, symmetric=True, strategy="channel"), "int4"),
@@ -93,7 +83,7 @@ def _by_module(expect: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 ], ids=["w4-g32-asym", "w4-channel-sym", "w8-g32-sym", "w8-channel-asym"])
 def test_the_librarys_checkpoints_load_to_its_own_values(tiny_llama, tmp_path, args, spec):
     out = tmp_path / "ct"
-    expect = _by_module(_checkpoint(tiny_llama, out, args))
+    expect = by_module(_checkpoint(tiny_llama, out, args))
     loaded = build.load(EngineConfig(model=str(out)), progress=False, prepare=False)
     linears = loaded.model.quant_linears()
     assert str(linears.pop("lm_head").spec) == "bf16"  # in the config's ignore list
@@ -143,7 +133,7 @@ def test_act_order_g_idx_is_served_in_the_stored_order(tiny_llama, tmp_path):
     fmt = PrequantizedFormat.read(out)
     assert fmt.act_order and "weight_g_idx" in fmt.parts
     loaded = build.load(EngineConfig(model=str(out)), progress=False, prepare=False)
-    for name, want in _by_module(expect).items():
+    for name, want in by_module(expect).items():
         lin = loaded.model.quant_linears()[name]
         assert lin.input_perm is not None
         assert torch.equal(lin.method.dequantize(), want[:, lin.input_perm]), name

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams, build
-from engine.calibrate import HF_NAME, awq_search, fake_quantize
+from engine.calibrate import awq_search, fake_quantize
 from engine.config import EngineConfig
 from engine.errors import CheckpointError, ConfigError
 from engine.eval.stats import token_stats
@@ -24,40 +24,23 @@ from engine.prequantized import PrequantizedFormat
 from engine.quant import external
 from engine.quant.gptq import GPTQResult, gptq_quantize, rtn_quantize
 from server.cli import main
+from tests.engine.fused import by_module
 
 GROUP = 64
 
 
-def _modules(path):
-    """{our module: [HF prefixes of its shards]} and the files' tensors."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path / "model.safetensors"))
-    modules: dict[str, list[tuple[int, str]]] = {}
-    for key in tensors:
-        if key.endswith(".qweight"):
-            prefix = key.removesuffix(".qweight")
-            _, _, layer, hf = prefix.split(".", 3)
-            module, shard = next(t for t, name in HF_NAME.items() if name == hf)
-            modules.setdefault(f"layers.{layer}.{module}", []).append((shard, prefix))
-    return {m: [p for _, p in sorted(v)] for m, v in modules.items()}, tensors
-
-
 def _file_values(path, fmt: str, bits: int = 4) -> dict[str, torch.Tensor]:
     """Each module's weight as the format's own dequantization of the files gives it."""
-    modules, t = _modules(path)
-    out = {}
-    for module, prefixes in modules.items():
-        parts = []
-        for p in prefixes:
-            if fmt == "gptq":
-                parts.append(external.gptq_dequantize(t[f"{p}.qweight"], t[f"{p}.qzeros"],
-                                                      t[f"{p}.scales"], t[f"{p}.g_idx"], bits, 1))
-            else:
-                parts.append(external.awq_dequantize(t[f"{p}.qweight"], t[f"{p}.qzeros"],
-                                                     t[f"{p}.scales"], GROUP))
-        out[module] = torch.cat(parts, 0)
-    return out
+    from safetensors.torch import load_file
+
+    t = load_file(str(path / "model.safetensors"))
+    prefixes = [k.removesuffix(".qweight") for k in t if k.endswith(".qweight")]
+    if fmt == "gptq":
+        return by_module({p: external.gptq_dequantize(t[f"{p}.qweight"], t[f"{p}.qzeros"],
+                                                      t[f"{p}.scales"], t[f"{p}.g_idx"], bits, 1)
+                          for p in prefixes})
+    return by_module({p: external.awq_dequantize(t[f"{p}.qweight"], t[f"{p}.qzeros"],
+                                                 t[f"{p}.scales"], GROUP) for p in prefixes})
 
 
 @pytest.fixture(scope="module")
@@ -184,14 +167,9 @@ def test_a_checkpoint_packed_by_autoawq_loads_to_its_own_dequantization(tiny_lla
         shutil.copy(f, out / f.name)
     loaded = build.load(EngineConfig(model=str(out)), progress=False, prepare=False)
     linears = loaded.model.quant_linears()
-    shards: dict[str, dict[int, torch.Tensor]] = {}
-    for prefix, w in expect.items():
-        _, _, layer, hf = prefix.split(".", 3)
-        module, shard = next(t for t, n in HF_NAME.items() if n == hf)
-        shards.setdefault(f"layers.{layer}.{module}", {})[shard] = w
-    assert len(shards) == 8
-    for module, parts in shards.items():
-        want = torch.cat([parts[i] for i in sorted(parts)])
+    modules = by_module(expect)
+    assert len(modules) == 8
+    for module, want in modules.items():
         assert str(linears[module].spec) == "int4-g32"
         assert torch.equal(linears[module].method.dequantize().half(), want), module
     ids = list(range(100, 140))
