@@ -65,12 +65,14 @@ for every M (its rows are bitwise independent of the batch).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -278,8 +280,9 @@ def int4_prepare(
 
     qweight uint8 [N, ceil(K/2)], scales/zeros float32 [N, ceil(K/group_size)].
     Returns {"packed": uint8 [Np, K/2], "scales_and_zeros": [K/kg, Np, 2] act_dtype,
-    "group_size": kg, "N": N, "dense_from": M or None} with Np = N rounded up to 16, or
-    {"weight": [N, K] act_dtype}.
+    "group_size": kg, "N": N, "dense_from": M or None, "pack_block", "pack_halves"} with
+    Np = N rounded up to 16 and the pack layout (Int4PackLayout; None where the dense path is
+    off), or {"weight": [N, K] act_dtype}.
     """
     kg = _int4_kernel_group(K, group_size)
     if kg is None:
@@ -293,47 +296,123 @@ def int4_prepare(
         # Padded rows have scale 0 and zero 0, so they compute 0 and are sliced off.
         q = torch.cat([q, q.new_full((pad, K), 8)])
         sz = torch.cat([sz, sz.new_zeros(sz.shape[0], pad, 2)], dim=1)
-    # innerKTiles (2) only matters for the CUDA layout; the CPU packer ignores it.
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    packed = _int4_pack(q)
     prepared: Prepared = {"packed": packed, "scales_and_zeros": sz, "group_size": kg, "N": N,
-                          "dense_from": None}
-    if packed.shape[0] % _INT4_PACK_ROWS == 0 and torch.equal(_int4_codes_t(packed), q.T):
+                          "dense_from": None, "pack_block": None, "pack_halves": None}
+    layout = int4_pack_layout()
+    # The guard: the dense path reads the codes back out of the packed bytes, so it is only
+    # offered where this very weight decodes to its codes (a PyTorch whose packer changed
+    # keeps the fused op alone, and stays correct).
+    if layout is not None and torch.equal(_int4_codes_t(packed, layout), q.T):
+        prepared["pack_block"], prepared["pack_halves"] = layout.block, int(layout.halves)
         prepared["dense_from"] = _dense_from(
             ("int4", K, N, kg, act_dtype), lambda x: _int4_fused(x, prepared),
             lambda x: _dense_rows(x, _int4_dense_t(prepared), N), K, act_dtype, batch_invariant)
     return prepared
 
 
-# The CPU packer's layout, read off its output (torch 2.13; prepare checks it on the machine it
-# runs on and keeps the fused op alone where it differs): rows go in blocks of 32; within a
-# block, byte (k, j) of the block's [K, 16] bytes holds row j's code k in its low nibble and
-# row j + 16's in its high nibble.
-_INT4_PACK_ROWS = 32
+def _int4_pack(q: Tensor) -> Tensor:
+    """codes int32 [Np, K] -> the op's packed uint8 [Np, K/2]. innerKTiles (2) only matters
+    for the CUDA layout; the CPU packer ignores it."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
 
 
-def _int4_unpack_into(packed: Tensor) -> Tensor:
-    """uint8 [Np/32, K, 32]: the codes of each block of 32 rows, k-major."""
+@dataclass(frozen=True)
+class Int4PackLayout:
+    """Where `_convert_weight_to_int4pack_for_cpu` puts each code. It depends on the CPU
+    capability ATen dispatches to (torch.backends.cpu.get_cpu_capability(), which
+    ATEN_CPU_CAPABILITY can lower), so it is read off the packer once per process.
+
+    The packed [Np, K/2] bytes are blocks of `block` rows, one after another; a block holds
+    K rows of block/2 bytes, k-major. In a full block, byte j of row k holds
+    - halves: row j's code k in its low nibble and row j + block/2's in its high nibble;
+    - pairs: rows 2j (low) and 2j + 1 (high).
+    The last block, when N % block rows are left for it, is pairs over those rows.
+    torch 2.13 on x86 (aten/src/ATen/native/cpu/int4mm_kernel.cpp, weight_to_int4pack_kernel):
+    AVX512 is halves of 64, AVX2 halves of 32, DEFAULT (no vector ISA) pairs of 32.
+    """
+
+    block: int
+    halves: bool
+
+
+# What prepare tries, known x86 layouts first; anything else disables the dense path.
+_INT4_LAYOUT_CANDIDATES = tuple(Int4PackLayout(b, h) for h in (True, False)
+                                for b in (64, 32, 16, 128))
+
+
+@functools.cache
+def int4_pack_layout() -> Int4PackLayout | None:
+    """The layout this process's packer writes, told by packing random codes whose rows fill
+    two blocks of the widest candidate and a 16-row tail, or None when no candidate decodes
+    them (the dense path is then off and the fused op serves every M)."""
+    N, K = 2 * max(c.block for c in _INT4_LAYOUT_CANDIDATES) + _INT4_N_MULTIPLE, 64
+    q = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(0),
+                      dtype=torch.int32)
+    packed = _int4_pack(q)
+    for layout in _INT4_LAYOUT_CANDIDATES:
+        if torch.equal(_int4_codes_t(packed, layout), q.T):
+            log.info("cpu int4 pack layout (%s): %s of %d rows",
+                     torch.backends.cpu.get_cpu_capability(),
+                     "halves" if layout.halves else "pairs", layout.block)
+            return layout
+    log.warning("cpu int4: the packer's layout (%s) is none this version knows; int4 layers "
+                "run the fused op at every batch size", torch.backends.cpu.get_cpu_capability())
+    return None
+
+
+def _layout_of(prepared: Prepared) -> Int4PackLayout:
+    if prepared["pack_block"] is None:
+        raise RuntimeError("this int4 weight has no dense path: its pack layout is unknown")
+    return Int4PackLayout(prepared["pack_block"], bool(prepared["pack_halves"]))
+
+
+def _unpack_rows(b: Tensor, halves: bool, out: Tensor) -> None:
+    """b uint8 [..., R/2] (one byte row of a block) -> out uint8 [..., R]: row r's code at r."""
+    half = b.shape[-1]
+    o = out.view(*b.shape[:-1], 2, half) if halves else out.view(*b.shape, 2)
+    torch.bitwise_and(b, 15, out=o[..., 0, :] if halves else o[..., 0])
+    torch.bitwise_right_shift(b, 4, out=o[..., 1, :] if halves else o[..., 1])
+
+
+def _int4_unpack(packed: Tensor, layout: Int4PackLayout) -> tuple[Tensor, Tensor | None]:
+    """The codes in scratch buffers: uint8 [Np // block, K, block] for the full blocks (rows in
+    order within each block, k-major) and uint8 [K, tail] for the last rows, or None."""
     Np, K = packed.shape[0], packed.shape[1] * 2
-    b = packed.view(Np // _INT4_PACK_ROWS, K, 16)
-    u = _scratch("int4-codes", (Np // _INT4_PACK_ROWS, K, _INT4_PACK_ROWS), torch.uint8)
-    torch.bitwise_and(b, 15, out=u[..., :16])
-    torch.bitwise_right_shift(b, 4, out=u[..., 16:])
-    return u
+    B = layout.block
+    nb, tail = divmod(Np, B)
+    flat = packed.view(-1)
+    body = _scratch("int4-codes", (nb, K, B), torch.uint8)
+    _unpack_rows(flat[: nb * K * B // 2].view(nb, K, B // 2), layout.halves, body)
+    if not tail:
+        return body, None
+    rest = _scratch("int4-codes-tail", (K, tail), torch.uint8)
+    _unpack_rows(flat[nb * K * B // 2:].view(K, tail // 2), False, rest)
+    return body, rest
 
 
-def _int4_codes_t(packed: Tensor) -> Tensor:
-    """The codes as [K, Np] (W^T's layout), decoded from the packed bytes."""
-    u = _int4_unpack_into(packed)
-    return u.permute(1, 0, 2).reshape(u.shape[1], -1).to(torch.int32)
+def _int4_codes_into(packed: Tensor, layout: Int4PackLayout, out: Tensor) -> Tensor:
+    """Writes the codes as [K, Np] (W^T's layout) into out, in out's dtype."""
+    body, rest = _int4_unpack(packed, layout)
+    nb, K, B = body.shape
+    out[:, : nb * B].view(K, nb, B).copy_(body.permute(1, 0, 2))
+    if rest is not None:
+        out[:, nb * B:].copy_(rest)
+    return out
+
+
+def _int4_codes_t(packed: Tensor, layout: Int4PackLayout) -> Tensor:
+    """The codes as int32 [K, Np], decoded from the packed bytes."""
+    Np, K = packed.shape[0], packed.shape[1] * 2
+    return _int4_codes_into(packed, layout, torch.empty(K, Np, dtype=torch.int32))
 
 
 def _int4_dense_t(prepared: Prepared) -> Tensor:
     """fp32 W^T [K, Np] dequantized from the packed codes into a shared scratch buffer."""
     packed, sz, kg = prepared["packed"], prepared["scales_and_zeros"], prepared["group_size"]
     Np, K = packed.shape[0], packed.shape[1] * 2
-    u = _int4_unpack_into(packed)
-    w = _scratch("int4-dense", (K, Np), torch.float32)
-    w.view(K, Np // _INT4_PACK_ROWS, _INT4_PACK_ROWS).copy_(u.permute(1, 0, 2))
+    w = _int4_codes_into(packed, _layout_of(prepared),
+                         _scratch("int4-dense", (K, Np), torch.float32))
     w3 = w.view(K // kg, kg, Np)  # W = (q - 8) * scale + zero, per kernel group
     w3.sub_(8).mul_(sz[:, None, :, 0]).add_(sz[:, None, :, 1])
     return w

@@ -173,12 +173,17 @@ def test_int8_misaligned_weight_is_served():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fmt,N,K,g", [("int4", 960, 576, 64), ("int4", 64, 1536, 128),
-                                       ("int4", 96, 192, 32), ("int8", 200, 576, 0)])
+                                       ("int4", 96, 192, 32), ("int4", 200, 64, 32),
+                                       ("int8", 200, 576, 0)])
 def test_dense_path_matches_reference(fmt, N, K, g, dtype):
+    """On this machine's own pack layout: prepare offers the dense path for every int4 shape
+    (N = 96 and 200 end in a partial block on AVX-512, 200 on AVX2) and it is right."""
     t = quantize(fmt, weights(N, K, N + K), g)
     prepare, linear = dispatch.get_kernels(fmt, "cpu")
     prepared = prepare(t, K=K, group_size=g, act_dtype=dtype)
     assert prepared["dense_from"] is None  # NIBBLE_TUNE=0: nothing measured, fused only
+    if fmt == "int4":
+        assert cpu.int4_pack_layout() is not None and prepared["pack_block"] is not None
     prepared["dense_from"] = 3
     A = magnitude(fmt, t, K, g)
     x_all = torch.randn(64, K, generator=torch.Generator().manual_seed(N)).to(dtype)
@@ -190,11 +195,118 @@ def test_dense_path_matches_reference(fmt, N, K, g, dtype):
         assert_within_bound(y, reference(fmt, x, t, g), x, A)
 
 
-def test_int4_packed_layout_decodes_to_the_codes():
-    t = quantize("int4", weights(96, 256, 5), 64)
-    prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256)
-    codes = R.unpack_nibbles(t["qweight"], 256).to(torch.int32)
-    assert torch.equal(cpu._int4_codes_t(prepared["packed"]), codes.T)
+# --- the int4 pack layout of every CPU capability, whatever this machine's is ----------------
+# PyTorch's packer writes the layout of the capability ATen dispatches to. This machine's is
+# checked against the real packer here, the lower ones by tests/kernels/test_cpu_capabilities.py
+# (this file again under ATEN_CPU_CAPABILITY), and all of them against the dense path below
+# through pack_like_torch, which writes what weight_to_int4pack_kernel (int4mm_kernel.cpp,
+# torch 2.13) writes on each.
+
+LAYOUTS = {"AVX512": cpu.Int4PackLayout(64, halves=True),
+           "AVX2": cpu.Int4PackLayout(32, halves=True),
+           "DEFAULT": cpu.Int4PackLayout(32, halves=False)}
+# Row counts (multiples of 16) that end in every kind of partial block of 32 and of 64 rows.
+PACK_NS = [16, 32, 48, 64, 80, 96, 112, 208, 960]  # 960 last: whole blocks only
+
+
+def pack_like_torch(q: torch.Tensor, capability: str) -> torch.Tensor:
+    """codes int [N, K] (N % 16 == 0) -> uint8 [N, K/2] laid out as the packer does on
+    `capability`: rows in blocks; block b's bytes follow block b-1's, k-major; a full block's
+    row r goes to byte r mod (B/2) in the low (r < B/2) or high nibble ("halves"), or to byte
+    r // 2, low nibble for even r ("pairs", also the partial last block's layout)."""
+    layout = LAYOUTS[capability]
+    N, K = q.shape
+    out = torch.zeros(N * K // 2, dtype=torch.int64)
+    for start in range(0, N, layout.block):
+        rows = min(layout.block, N - start)
+        r = torch.arange(rows)
+        if layout.halves and rows == layout.block:
+            byte, shift = r % (rows // 2), 4 * (r // (rows // 2))
+        else:
+            byte, shift = r // 2, 4 * (r % 2)
+        k = torch.arange(K)[:, None]
+        index = start * K // 2 + k * (rows // 2) + byte  # [K, rows]
+        nibbles = q[start:start + rows].T.long() << shift
+        out.index_put_((index.reshape(-1),), nibbles.reshape(-1), accumulate=True)
+    return out.to(torch.uint8).view(N, K // 2)
+
+
+def _codes(N: int, K: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(seed),
+                         dtype=torch.int32)
+
+
+def test_pack_layout_is_the_one_torch_documents_for_this_capability():
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert cpu.int4_pack_layout() == LAYOUTS[capability]
+    for N in PACK_NS:
+        q = _codes(N, 192, N)
+        assert torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2),
+                           pack_like_torch(q, capability)), N
+
+
+@pytest.mark.parametrize("capability", LAYOUTS)
+def test_every_layout_decodes_to_the_codes(capability):
+    for N in PACK_NS:
+        q = _codes(N, 64, N)
+        packed = pack_like_torch(q, capability)
+        assert torch.equal(cpu._int4_codes_t(packed, LAYOUTS[capability]), q.T), N
+    # The layouts differ (a 16-row tail, or 32 rows on AVX-512, is laid out alike on all):
+    # on whole blocks none reads another's.
+    for other, layout in LAYOUTS.items():
+        if layout != LAYOUTS[capability]:
+            assert not torch.equal(cpu._int4_codes_t(packed, layout), q.T), other
+
+
+def test_packed_weights_decode_to_their_codes():
+    for N in (96, 200):
+        t = quantize("int4", weights(N, 256, 5), 64)
+        prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256)
+        codes = R.unpack_nibbles(t["qweight"], 256).to(torch.int32)
+        decoded = cpu._int4_codes_t(prepared["packed"], cpu.int4_pack_layout())
+        assert torch.equal(decoded[:, :N], codes.T)
+        assert torch.equal(decoded[:, N:], torch.full((256, -N % 16), 8, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("capability", LAYOUTS)
+@pytest.mark.parametrize("N,K,g", [(960, 576, 64), (208, 192, 32), (48, 128, 128)])
+def test_dense_path_reads_every_layout(capability, N, K, g, dtype):
+    """Weights packed as `capability` would pack them, served by the dense path (which uses
+    no ISA-specific op) on this machine: within the rounding bound of the reference."""
+    t = quantize("int4", weights(N, K, N + g), g)
+    prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], g, K, dtype)
+    codes = R.unpack_nibbles(t["qweight"], K)
+    layout = LAYOUTS[capability]
+    prepared.update(packed=pack_like_torch(codes, capability), pack_block=layout.block,
+                    pack_halves=int(layout.halves), dense_from=1)
+    x = torch.randn(17, K, generator=torch.Generator().manual_seed(g)).to(dtype)
+    assert cpu.path(prepared, 1) == "cpu-dense"
+    assert_within_bound(cpu.int4_linear(x, prepared), reference("int4", x, t, g), x,
+                        magnitude("int4", t, K, g))
+
+
+def test_unknown_pack_layout_keeps_the_fused_op(monkeypatch, caplog):
+    """A packer this version cannot read (as a future PyTorch's might be): no dense path, the
+    fused op serves every M, and the log says why."""
+    real = cpu._int4_pack
+
+    def reversed_rows(q):  # the real layout with each row's bytes in reverse order
+        return real(q).flip(-1).contiguous()
+
+    monkeypatch.setattr(cpu, "_int4_pack", reversed_rows)
+    cpu.int4_pack_layout.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="nibble.kernels"):
+            assert cpu.int4_pack_layout() is None
+        assert "fused op at every batch size" in caplog.text
+        t = quantize("int4", weights(64, 256, 1), 64)
+        prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256)
+    finally:
+        monkeypatch.undo()
+        cpu.int4_pack_layout.cache_clear()
+    assert prepared["pack_block"] is None and prepared["dense_from"] is None
+    assert [cpu.path(prepared, M) for M in (1, 512)] == ["cpu-fused", "cpu-fused"]
 
 
 def test_dense_crossover_is_measured_once_per_shape(monkeypatch, caplog):
