@@ -115,12 +115,18 @@ def test_sigterm_drains_in_flight_requests_then_exits_0():
         p.wait_line(r"ready: smollm2-135m:int4")
         assert http.get("/health").status_code == 200
 
-        body = {"prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True,
+        # 96 tokens: seconds of decoding on any CPU, so the request is still in flight when the
+        # signal comes (the signal goes once the engine runs it, not after a guessed sleep)
+        body = {"prompt": "Once upon a time", "max_tokens": 96, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}
         reply: dict = {}
         t = threading.Thread(target=lambda: reply.update(r=http.post("/v1/completions", json=body)))
         t.start()
-        time.sleep(1.0)  # the request is in flight (48 tokens take seconds on 2 cores)
+        running = re.compile(r"^nibble_requests_running\{[^}]*\} 1\.0$", re.M)
+        deadline = time.monotonic() + 60
+        while not running.search(http.get("/metrics").text):
+            assert time.monotonic() < deadline, "the request never started running"
+            time.sleep(0.02)
         p.proc.send_signal(signal.SIGTERM)
         p.wait_line(r"draining")
         health = http.get("/health")
@@ -130,7 +136,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0():
         t.join(120)
         events = [e[6:] for e in reply["r"].text.split("\n\n") if e.startswith("data: ")]
         assert events[-1] == "[DONE]"
-        assert json.loads(events[-2])["usage"]["completion_tokens"] == 48
+        assert json.loads(events[-2])["usage"]["completion_tokens"] == 96
         assert p.proc.wait(60) == 0
     finally:
         if p.proc.poll() is None:
