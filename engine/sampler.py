@@ -48,15 +48,24 @@ def _sample_row(row: Tensor, seq: Sequence) -> int:
     if p.greedy:
         return int(row.argmax())
     row = row / p.temperature
-    if p.top_k > 0:
-        kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
-        row = row.masked_fill(row < kth, float("-inf"))
+    if 0 < p.top_k < row.numel():
+        row = _top_k(row, p.top_k)
     probs = torch.softmax(row, -1)
     if p.min_p > 0:
         probs = probs.masked_fill(probs < p.min_p * probs.max(), 0)
     if p.top_p < 1:
         probs = _top_p(probs, p.top_p)
     return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+
+def _top_k(row: Tensor, k: int) -> Tensor:
+    """Keeps exactly k tokens; where logits tie at the k-th value (bf16 logits tie often),
+    the lowest ids, as argmax picks them: top_k=1 is greedy."""
+    kth = torch.topk(row, k).values[-1]
+    keep = row > kth
+    tied = (row == kth).nonzero().flatten()
+    keep[tied[: k - int(keep.sum())]] = True
+    return row.masked_fill(~keep, float("-inf"))
 
 
 def _top_p(probs: Tensor, top_p: float) -> Tensor:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from engine import SamplingParams
 from engine.errors import ConfigError
@@ -57,3 +59,19 @@ def test_min_p_one_keeps_only_the_top_token(llm_factory):
 def test_bad_sampling_params_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_k_keeps_exactly_k_lowest_ids_among_ties(k):
+    """Three logits tie for the top: top_k keeps k of them, the lowest ids (as argmax does),
+    whatever the seed."""
+    from engine.sampler import _sample_row
+
+    row = torch.full((50,), -5.0)
+    row[[7, 3, 41]] = 2.0
+    params = SamplingParams(temperature=1.0, top_k=k)
+    picked = set()
+    for seed in range(40):
+        seq = SimpleNamespace(params=params, generator=torch.Generator().manual_seed(seed))
+        picked.add(_sample_row(row, seq))
+    assert picked == {3, 7, 41}.intersection([3, 7, 41][:k])
