@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 
 def _cpu_model() -> str:
@@ -15,6 +16,38 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def memory_limit_bytes(cgroup_root: Path = Path("/sys/fs/cgroup"),
+                       self_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+    """The memory this process may use: the machine's physical memory, or less where a cgroup
+    (a container's limit) caps it: cgroup v2 `memory.max` or v1 `memory.limit_in_bytes`, on
+    the process's own cgroup or any above it, whichever is smallest."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        return total
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2, the unified hierarchy
+            base, name = cgroup_root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = cgroup_root / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        d = base / path.strip("/")
+        while True:
+            try:
+                text = (d / name).read_text().strip()
+            except OSError:
+                text = ""
+            if text.isdigit():  # v2 says "max" where nothing is set
+                total = min(total, int(text))
+            if d == base:
+                break
+            d = d.parent
+    return total
 
 
 def machine_info() -> dict:

@@ -8,12 +8,11 @@ ends mid-prompt samples nothing).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from engine.block_manager import BlockManager, BlockTable
 from engine.layers.attention import AttentionBatch, KVCache, kv_dtype
+from engine.machine import memory_limit_bytes
 from engine.models.llama import LlamaModel
 from engine.sampler import logprob_dicts, sample
 from engine.sequence import Sequence
@@ -23,7 +22,8 @@ from kernels.dispatch import backend_for
 def num_kv_blocks(model: LlamaModel, device: torch.device, max_model_len: int, block_size: int,
                   max_num_seqs: int, memory: float | None) -> int:
     """KV blocks for a memory budget: bytes (> 1) or a fraction of the device's memory; None
-    is enough for max_num_seqs sequences of max_model_len, at most 10% of the memory. Never
+    is enough for max_num_seqs sequences of max_model_len, at most 10% of the memory (on CPU,
+    what a container's cgroup allows where that is less than the machine has). Never
     fewer than one full-length sequence needs."""
     cfg = model.config
     per_block = KVCache.bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads,
@@ -32,7 +32,7 @@ def num_kv_blocks(model: LlamaModel, device: torch.device, max_model_len: int, b
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
     else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total = memory_limit_bytes()
     if memory is None:
         budget = min(max_num_seqs * seq_blocks * per_block, 0.1 * total)
     else:

@@ -184,8 +184,8 @@ def _serve_parser(sub) -> None:
     e.add_argument("--max-num-batched-tokens", type=int,
                    help="tokens in one forward pass at most; longer prompts are chunked (default 512)")
     e.add_argument("--kv-cache-memory", type=float, help="KV-cache size: bytes, or a fraction "
-                   "(0-1] of memory (default: enough for max-num-seqs full-length sequences, at "
-                   "most 10%% of memory)")
+                   "(0-1] of memory, a container's memory limit where it is lower (default: enough "
+                   "for max-num-seqs full-length sequences, at most 10%% of memory)")
     _model_args(serve)
 
 
