@@ -22,14 +22,18 @@ def memory_limit_bytes(cgroup_root: Path = Path("/sys/fs/cgroup"),
                        self_cgroup: Path = Path("/proc/self/cgroup")) -> int:
     """The memory this process may use: the machine's physical memory, or less where a cgroup
     (a container's limit) caps it: cgroup v2 `memory.max` or v1 `memory.limit_in_bytes`, on
-    the process's own cgroup or any above it, whichever is smallest."""
+    the process's own cgroup or any above it, whichever is smallest. v1's memory controller is
+    looked for at <root>/memory (where systems mount it, or link to it when co-mounted)."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:
         lines = self_cgroup.read_text().splitlines()
     except OSError:
         return total
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
         if controllers == "":  # v2, the unified hierarchy
             base, name = cgroup_root, "memory.max"
         elif "memory" in controllers.split(","):

@@ -47,9 +47,9 @@ def _sample_row(row: Tensor, seq: Sequence) -> int:
     p = seq.params
     if p.greedy:
         return int(row.argmax())
-    row = row / p.temperature
-    if 0 < p.top_k < row.numel():
+    if 0 < p.top_k < row.numel():  # before the division, which could make new ties
         row = _top_k(row, p.top_k)
+    row = row / p.temperature
     probs = torch.softmax(row, -1)
     if p.min_p > 0:
         probs = probs.masked_fill(probs < p.min_p * probs.max(), 0)

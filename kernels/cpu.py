@@ -281,8 +281,9 @@ def int4_prepare(
     qweight uint8 [N, ceil(K/2)], scales/zeros float32 [N, ceil(K/group_size)].
     Returns {"packed": uint8 [Np, K/2], "scales_and_zeros": [K/kg, Np, 2] act_dtype,
     "group_size": kg, "N": N, "dense_from": M or None, "pack_block", "pack_halves"} with
-    Np = N rounded up to 16 and the pack layout (Int4PackLayout; None where the dense path is
-    off), or {"weight": [N, K] act_dtype}.
+    Np = N rounded up to 16 and the pack layout's fields (Int4PackLayout; None where this
+    weight does not decode, and then the fused op serves every M), or
+    {"weight": [N, K] act_dtype}.
     """
     kg = _int4_kernel_group(K, group_size)
     if kg is None:
@@ -323,22 +324,26 @@ class Int4PackLayout:
     capability ATen dispatches to (torch.backends.cpu.get_cpu_capability(), which
     ATEN_CPU_CAPABILITY can lower), so it is read off the packer once per process.
 
-    The packed [Np, K/2] bytes are blocks of `block` rows, one after another; a block holds
-    K rows of block/2 bytes, k-major. In a full block, byte j of row k holds
-    - halves: row j's code k in its low nibble and row j + block/2's in its high nibble;
-    - pairs: rows 2j (low) and 2j + 1 (high).
+    The packed [Np, K/2] bytes are blocks of `block` weight rows, one after another; a block
+    is K byte-rows of block/2 bytes each, byte-row k holding code k of the block's rows. In a
+    full block, byte j of a byte-row holds
+    - halves: weight row j's code in its low nibble and row j + block/2's in its high nibble;
+    - pairs: weight rows 2j (low) and 2j + 1 (high).
     The last block, when N % block rows are left for it, is pairs over those rows.
     torch 2.13 on x86 (aten/src/ATen/native/cpu/int4mm_kernel.cpp, weight_to_int4pack_kernel):
-    AVX512 is halves of 64, AVX2 halves of 32, DEFAULT (no vector ISA) pairs of 32.
+    AVX512 is halves of 64, AVX2 halves of 32, DEFAULT (no vector ISA, and MSVC builds) pairs
+    of 32.
     """
 
     block: int
     halves: bool
 
 
-# What prepare tries, known x86 layouts first; anything else disables the dense path.
-_INT4_LAYOUT_CANDIDATES = tuple(Int4PackLayout(b, h) for h in (True, False)
-                                for b in (64, 32, 16, 128))
+# What prepare tries: the known x86 layouts (AVX512, AVX2, DEFAULT), then a few guesses at what
+# another version might write; a packer none of them reads leaves the dense path off.
+_INT4_LAYOUT_CANDIDATES = (Int4PackLayout(64, True), Int4PackLayout(32, True),
+                           Int4PackLayout(32, False), *(Int4PackLayout(b, h) for h in (True, False)
+                                                        for b in (16, 128)), Int4PackLayout(64, False))
 
 
 @functools.cache
@@ -375,25 +380,32 @@ def _unpack_rows(b: Tensor, halves: bool, out: Tensor) -> None:
     torch.bitwise_right_shift(b, 4, out=o[..., 1, :] if halves else o[..., 1])
 
 
-def _int4_unpack(packed: Tensor, layout: Int4PackLayout) -> tuple[Tensor, Tensor | None]:
-    """The codes in scratch buffers: uint8 [Np // block, K, block] for the full blocks (rows in
-    order within each block, k-major) and uint8 [K, tail] for the last rows, or None."""
+def _int4_unpack(packed: Tensor, layout: Int4PackLayout,
+                 scratch: bool = True) -> tuple[Tensor, Tensor | None]:
+    """The codes, uint8 [Np // block, K, block] for the full blocks (rows in order within each
+    block, k-major) and uint8 [K, tail] for the last rows, or None: in buffers shared per shape
+    (scratch: the dense path, every call) or fresh ones (a one-off decode, nothing kept)."""
     Np, K = packed.shape[0], packed.shape[1] * 2
     B = layout.block
     nb, tail = divmod(Np, B)
     flat = packed.view(-1)
-    body = _scratch("int4-codes", (nb, K, B), torch.uint8)
+
+    def buffer(tag: str, shape: tuple[int, ...]) -> Tensor:
+        return _scratch(tag, shape, torch.uint8) if scratch else torch.empty(shape, dtype=torch.uint8)
+
+    body = buffer("int4-codes", (nb, K, B))
     _unpack_rows(flat[: nb * K * B // 2].view(nb, K, B // 2), layout.halves, body)
     if not tail:
         return body, None
-    rest = _scratch("int4-codes-tail", (K, tail), torch.uint8)
+    rest = buffer("int4-codes-tail", (K, tail))
     _unpack_rows(flat[nb * K * B // 2:].view(K, tail // 2), False, rest)
     return body, rest
 
 
-def _int4_codes_into(packed: Tensor, layout: Int4PackLayout, out: Tensor) -> Tensor:
+def _int4_codes_into(packed: Tensor, layout: Int4PackLayout, out: Tensor,
+                     scratch: bool = True) -> Tensor:
     """Writes the codes as [K, Np] (W^T's layout) into out, in out's dtype."""
-    body, rest = _int4_unpack(packed, layout)
+    body, rest = _int4_unpack(packed, layout, scratch)
     nb, K, B = body.shape
     out[:, : nb * B].view(K, nb, B).copy_(body.permute(1, 0, 2))
     if rest is not None:
@@ -402,9 +414,10 @@ def _int4_codes_into(packed: Tensor, layout: Int4PackLayout, out: Tensor) -> Ten
 
 
 def _int4_codes_t(packed: Tensor, layout: Int4PackLayout) -> Tensor:
-    """The codes as int32 [K, Np], decoded from the packed bytes."""
+    """The codes as int32 [K, Np], decoded from the packed bytes into fresh memory (prepare's
+    check: no per-shape buffer stays behind for a layer that never takes the dense path)."""
     Np, K = packed.shape[0], packed.shape[1] * 2
-    return _int4_codes_into(packed, layout, torch.empty(K, Np, dtype=torch.int32))
+    return _int4_codes_into(packed, layout, torch.empty(K, Np, dtype=torch.int32), scratch=False)
 
 
 def _int4_dense_t(prepared: Prepared) -> Tensor:

@@ -27,11 +27,11 @@ def test_cgroup_v2_limit_on_the_process_or_an_ancestor(tmp_path):
 
 def test_cgroup_v1_memory_controller(tmp_path):
     root, me = tmp_path / "cg", tmp_path / "self"
-    me.write_text("5:cpu,cpuacct:/x\n4:memory:/docker/abc\n0::/\n")
+    me.write_text("5:cpu,cpuacct:/x\n\n4:memory:/docker/a:b\n0::/\n")  # a blank line, a colon
     # v1 writes a huge number where nothing is set
-    _write(root / "memory" / "docker" / "abc" / "memory.limit_in_bytes", str(2**63 - 4096))
+    _write(root / "memory" / "docker" / "a:b" / "memory.limit_in_bytes", str(2**63 - 4096))
     assert memory_limit_bytes(root, me) == PHYSICAL
-    _write(root / "memory" / "docker" / "abc" / "memory.limit_in_bytes", str(3 * 2**30))
+    _write(root / "memory" / "docker" / "memory.limit_in_bytes", str(3 * 2**30))  # an ancestor
     assert memory_limit_bytes(root, me) == min(PHYSICAL, 3 * 2**30)
 
 

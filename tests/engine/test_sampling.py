@@ -61,17 +61,21 @@ def test_bad_sampling_params_are_config_errors(kwargs):
         SamplingParams(**kwargs)
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_top_k_keeps_exactly_k_lowest_ids_among_ties(k):
-    """Three logits tie for the top: top_k keeps k of them, the lowest ids (as argmax does),
-    whatever the seed."""
+@pytest.mark.parametrize("top,k,want", [
+    ([], 1, {3}), ([], 2, {3, 7}), ([], 3, {3, 7, 41}),  # three tie for the top
+    ([20], 2, {20, 3}), ([20], 3, {20, 3, 7}),  # one above the three tied
+])
+def test_top_k_keeps_exactly_k_lowest_ids_among_ties(top, k, want):
+    """Logits that tie at the k-th value: top_k keeps k tokens, the tied ones with the lowest
+    ids (as argmax picks), whatever the seed."""
     from engine.sampler import _sample_row
 
     row = torch.full((50,), -5.0)
     row[[7, 3, 41]] = 2.0
+    row[top] = 3.0
     params = SamplingParams(temperature=1.0, top_k=k)
     picked = set()
-    for seed in range(40):
+    for seed in range(60):
         seq = SimpleNamespace(params=params, generator=torch.Generator().manual_seed(seed))
         picked.add(_sample_row(row, seq))
-    assert picked == {3, 7, 41}.intersection([3, 7, 41][:k])
+    assert picked == want

@@ -2,9 +2,10 @@
 
 PyTorch's CPU ops pick their code (and the int4 op its weight layout) by the capability ATen
 dispatches to: AVX512 on a Xeon with AVX-512, AVX2 on an AVX2-only EPYC, DEFAULT where there
-is neither, and ATEN_CPU_CAPABILITY can lower it, never raise it past what the CPU runs. The
-suite runs tests/kernels/test_cpu.py natively; this runs it once more in a subprocess for each
-lower capability, so an AVX-512 machine tests the AVX2 and DEFAULT code paths too and an AVX2
+is neither. ATEN_CPU_CAPABILITY changes it; ATen takes even a value the CPU cannot run, and its
+ops then die of an illegal instruction, so only lower ones are used here. The suite runs
+tests/kernels/test_cpu.py natively; this runs it once more in a subprocess for each lower
+capability, so an AVX-512 machine tests the AVX2 and DEFAULT code paths too and an AVX2
 machine the DEFAULT one (the AVX-512 layout is checked everywhere through test_cpu.py's
 pack_like_torch, and against the real packer on AVX-512 machines).
 """
@@ -40,4 +41,4 @@ def test_cpu_kernels_under_a_lower_capability(capability):
     out = proc.stdout + proc.stderr
     assert f"capability: {capability}\n" in proc.stdout, out[-3000:]
     assert proc.returncode == 0, out[-3000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout, out[-3000:]
+    assert " passed" in proc.stdout, out[-3000:]
