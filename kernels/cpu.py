@@ -339,11 +339,10 @@ class Int4PackLayout:
     halves: bool
 
 
-# What prepare tries: the known x86 layouts (AVX512, AVX2, DEFAULT), then a few guesses at what
-# another version might write; a packer none of them reads leaves the dense path off.
+# The layouts torch writes on x86 (AVX512, AVX2, DEFAULT); a packer that writes none of them
+# leaves the dense path off.
 _INT4_LAYOUT_CANDIDATES = (Int4PackLayout(64, True), Int4PackLayout(32, True),
-                           Int4PackLayout(32, False), *(Int4PackLayout(b, h) for h in (True, False)
-                                                        for b in (16, 128)), Int4PackLayout(64, False))
+                           Int4PackLayout(32, False))
 
 
 @functools.cache
