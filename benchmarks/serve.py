@@ -1,9 +1,10 @@
 """What the HTTP server costs: streamed completions through `nibble serve` against the same
-requests given to the engine directly, in one run, on the same loaded model.
+requests given to the engine directly, in one run, on the same loaded model and thread.
 
 For each concurrency c, c requests with distinct 128-token prompts (token ids, so both sides
 see the same tokens) generate 128 tokens each, EOS ignored, greedy. Baseline: one
-`LLM.generate` call over the c prompts in this process. Server: the same LLM served by an
+`LLM.generate` call over the c prompts on the server's engine thread while it is idle (the
+thread that loaded the model, as in `nibble serve`). Server: the same LLM served by that
 in-process server (engine thread + event loop), driven by a separate client process that
 opens c streaming /v1/completions requests at once over loopback; it records each request's
 time to first token and the gaps between chunks. Output tok/s = c x 128 / wall time. Rounds
@@ -28,15 +29,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-async def _client(url: str, prompts: list[list[int]], new_tokens: int) -> dict:
-    """Runs in the client process: all prompts at once, streamed; timings per request."""
+async def stream_requests(url: str, bodies: list[dict], new_tokens: int) -> dict:
+    """All bodies POSTed to url + /v1/completions at once, streamed (each asks for new_tokens
+    tokens with EOS ignored); the wall time, each request's time to first token and the gaps
+    between chunks. Works against any OpenAI-compatible server (nibble, llama-server, vLLM)."""
     import aiohttp
 
-    async def one(session, ids):
-        body = {"prompt": ids, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}
+    async def one(session, body):
+        body = {**body, "max_tokens": new_tokens, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
         start = time.perf_counter()
-        stamps, tokens = [], 0
+        stamps, tokens = [], None
         async with session.post(url + "/v1/completions", json=body) as resp:
             assert resp.status == 200, await resp.text()
             async for line in resp.content:
@@ -45,22 +48,22 @@ async def _client(url: str, prompts: list[list[int]], new_tokens: int) -> dict:
                 event = json.loads(line[6:])
                 if event.get("usage"):
                     tokens = event["usage"]["completion_tokens"]
-                elif event["choices"] and event["choices"][0]["text"]:
+                if event.get("choices") and event["choices"][0].get("text"):
                     stamps.append(time.perf_counter())
-        assert tokens == new_tokens, tokens
+        assert tokens in (None, new_tokens), tokens  # a server that reports usage must agree
         return start, stamps
 
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         t0 = time.perf_counter()
-        per = await asyncio.gather(*(one(session, p) for p in prompts))
+        per = await asyncio.gather(*(one(session, b) for b in bodies))
         wall = time.perf_counter() - t0
     ttft = [stamps[0] - start for start, stamps in per]
     gaps = [b - a for _, stamps in per for a, b in zip(stamps, stamps[1:], strict=False)]
     return {"wall_s": wall, "ttft_s": ttft, "chunk_gap_s": gaps}
 
 
-def _pct(values: list[float], q: float) -> float:
+def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
 
@@ -78,34 +81,45 @@ def main() -> None:
     ap.add_argument("--client", help=argparse.SUPPRESS)  # internal: run as the client process
     args = ap.parse_args()
     if args.client:
-        prompts = json.loads(sys.stdin.read())
-        print(json.dumps(asyncio.run(_client(args.client, prompts, args.new_tokens))))
+        bodies = json.loads(sys.stdin.read())
+        print(json.dumps(asyncio.run(stream_requests(args.client, bodies, args.new_tokens))))
         return
 
     from benchmarks.machine import machine_info, write_report
-    from benchmarks.quality import corpus_chunks
     from engine import LLM, SamplingParams
+    from engine.eval.texts import BUILTIN, corpus_chunks, corpus_text
     from server.app import ServerSettings, ServerThread
     from server.async_engine import Variant
 
     levels = [int(c) for c in args.concurrency.split(",")]
-    llm = LLM(args.model, quant=args.quant, progress=False, max_num_seqs=max(levels),
-              max_model_len=args.prompt_tokens + args.new_tokens)
-    chunks = iter(corpus_chunks(llm.tokenizer, args.prompt_tokens, 2 + 2 * args.rounds * sum(levels)))
-    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-    llm.generate([next(chunks) for _ in range(2)], SamplingParams(max_tokens=4))  # warm-up
-    server = ServerThread([Variant(f"{args.model}:{args.quant}", args.model, args.quant, llm)],
-                          ServerSettings(port=0, max_queued=max(levels)))
+    name = f"{args.model}:{args.quant}"
 
-    def direct(prompts) -> float:
-        start = time.perf_counter()
-        llm.generate(prompts, params)
-        return len(prompts) * args.new_tokens / (time.perf_counter() - start)
+    def load() -> list[Variant]:  # on the server's engine thread, as `nibble serve` loads
+        llm = LLM(args.model, quant=args.quant, progress=False, max_num_seqs=max(levels),
+                  max_model_len=args.prompt_tokens + args.new_tokens)
+        return [Variant(name, args.model, args.quant, llm)]
+
+    server = ServerThread(load, ServerSettings(port=0, max_queued=max(levels)))
+    llm = server.server.state.variants[0].llm
+    chunks = iter(corpus_chunks(llm.tokenizer, corpus_text(BUILTIN)[0], args.prompt_tokens,
+                                2 + 2 * args.rounds * sum(levels)))
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    warm = [next(chunks) for _ in range(2)]
+    server.on_engine_thread(lambda: llm.generate(warm, SamplingParams(max_tokens=4)))
+
+    def direct(prompts) -> float:  # the engine alone, on the thread that serves
+        def run() -> float:
+            start = time.perf_counter()
+            llm.generate(prompts, params)
+            return len(prompts) * args.new_tokens / (time.perf_counter() - start)
+
+        return server.on_engine_thread(run)
 
     def served(prompts) -> dict:
         proc = subprocess.run([sys.executable, __file__, "--client", server.url,
                                "--new-tokens", str(args.new_tokens)],
-                              input=json.dumps(prompts), capture_output=True, text=True, check=True)
+                              input=json.dumps([{"prompt": p, "temperature": 0} for p in prompts]),
+                              capture_output=True, text=True, check=True)
         out = json.loads(proc.stdout)
         out["tok_per_s"] = len(prompts) * args.new_tokens / out["wall_s"]
         return out
@@ -130,8 +144,8 @@ def main() -> None:
                      "server_tok_per_s": round(srv, 1), "server_vs_engine": round(srv / eng, 3),
                      "engine_runs": [round(v, 1) for v in runs[c]["engine"]],
                      "server_runs": [round(r["tok_per_s"], 1) for r in runs[c]["server"]],
-                     "ttft_p50_s": round(_pct(ttft, 0.5), 4), "ttft_p99_s": round(_pct(ttft, 0.99), 4),
-                     "itl_p50_s": round(_pct(gaps, 0.5), 4), "itl_p99_s": round(_pct(gaps, 0.99), 4)})
+                     "ttft_p50_s": round(pct(ttft, 0.5), 4), "ttft_p99_s": round(pct(ttft, 0.99), 4),
+                     "itl_p50_s": round(pct(gaps, 0.5), 4), "itl_p99_s": round(pct(gaps, 0.99), 4)})
     report = {"benchmark": "serve", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "model": args.model, "quant": args.quant, "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "rounds": args.rounds,

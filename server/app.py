@@ -1,7 +1,8 @@
 """Builds the aiohttp app; loads the variants, starts the engine thread, drains on SIGTERM.
 
 Life of a server: it listens at once and answers /health with 503 "loading" while the
-variants load in a worker thread; then "ok". SIGTERM (or SIGINT) turns /health to 503
+variants load on the engine thread (the one thread that runs PyTorch, see
+server.async_engine.TorchThread); then "ok". SIGTERM (or SIGINT) turns /health to 503
 "draining", new generation requests get 503, in-flight ones may finish until the shutdown
 timeout, the rest are aborted, and the process exits 0. If the engine thread dies, /health
 says "dead" and every waiting request ends with an error.
@@ -15,13 +16,14 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from engine.config import EngineConfig
-from server.async_engine import AsyncEngine, Variant
+from server.async_engine import AsyncEngine, TorchThread, Variant
 from server.metrics import Metrics
 from server.protocol import APIError
 from server.responses import TokenText
@@ -57,6 +59,7 @@ class ServerState:
         self.shadow = None  # server.quality.Shadow
         self.created = int(time.time())
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nibble-tokenize")
+        self.torch = TorchThread()  # loads the variants, then runs the engine
         self._token_text: dict[str, TokenText] = {}
 
     def start(self, variants: list[Variant], shadow: Variant | None = None) -> None:
@@ -69,7 +72,7 @@ class ServerState:
         # only the served variants are listed and routed
         stepped = variants + [shadow] if shadow is not None and all(shadow is not v for v in variants) \
             else variants
-        self.engine = AsyncEngine(stepped, self.settings.max_queued, self.metrics)
+        self.engine = AsyncEngine(stepped, self.settings.max_queued, self.metrics, self.torch)
         self.metrics.watch(self.engine)
         if shadow is not None:
             self.shadow = Shadow(self.engine, shadow, self.settings.shadow_rate, self.metrics,
@@ -199,6 +202,7 @@ class Server:
         if self.runner is not None:
             await self.runner.cleanup()
         st.pool.shutdown(wait=False, cancel_futures=True)
+        st.torch.shutdown()
         return aborted
 
 
@@ -257,8 +261,8 @@ async def serve(settings: ServerSettings, model_name: str, configs: list[tuple[s
     await server.start()
     log.info("listening on http://%s:%d; loading %d variant(s) of %s", settings.host,
              server.port, len(configs), model_name)
-    loading = loop.run_in_executor(None, prepare, model_name, configs, shadow, settings.quality_gate,
-                                   settings.quality_gate_tokens)
+    loading = asyncio.wrap_future(server.state.torch.submit(
+        prepare, model_name, configs, shadow, settings.quality_gate, settings.quality_gate_tokens))
     waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait([loading, waiter], return_when=asyncio.FIRST_COMPLETED)
     if not loading.done():
@@ -288,16 +292,23 @@ async def serve(settings: ServerSettings, model_name: str, configs: list[tuple[s
 
 
 class ServerThread:
-    """A server on its own event loop in a background thread, around variants already loaded
-    in this process (for embedding the server in a program, for benchmarks and tests)."""
+    """A server on its own event loop in a background thread (for embedding the server in a
+    program, for benchmarks and tests).
 
-    def __init__(self, variants: list[Variant], settings: ServerSettings | None = None,
-                 shadow: Variant | None = None):
+    `variants`: a function that loads them, run on the server's engine thread (full speed,
+    see server.async_engine.TorchThread), or variants this process already loaded (the
+    engine then steps them from a thread of its own: slower wherever the loading thread kept
+    its OpenMP workers)."""
+
+    def __init__(self, variants: list[Variant] | Callable[[], list[Variant]],
+                 settings: ServerSettings | None = None, shadow: Variant | None = None):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="nibble-server",
                                        daemon=True)
         self.thread.start()
         self.server = Server(settings or ServerSettings(port=0))
+        if callable(variants):
+            variants = self.server.state.torch.run(variants)
         self.call(self.server.start())
         self.call(self._ready(variants, shadow))
         self.port = self.server.port
@@ -309,6 +320,14 @@ class ServerThread:
     def call(self, coro, timeout: float = 120):
         """Runs a coroutine on the server's loop and returns its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def on_engine_thread(self, fn: Callable[[], object], timeout: float | None = None):
+        """fn() on the engine thread once no request is in flight (it may run LLM.generate
+        on the served variants); its result."""
+        async def idle():
+            return await self.server.state.engine.run_idle(fn)
+
+        return self.call(idle(), timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Drains for up to `timeout` seconds, then stops the loop and its thread."""

@@ -197,3 +197,31 @@ def test_an_abort_reaches_the_engine_before_its_next_step(live, llm, monkeypatch
     for rid, t in aborts.items():
         late = [s for s in steps if s[0] > t and rid in s[1]]
         assert len(late) <= 1, f"{rid} stayed {len(late)} steps after its abort"
+
+
+def test_the_engine_steps_on_the_thread_that_loaded(llm_factory):
+    """Loading and stepping share one thread: the only thread whose OpenMP workers PyTorch
+    keeps (a second one halves decode speed on a 2-core machine, see TorchThread)."""
+    loaded_on, stepped_on = [], set()
+
+    def load():
+        loaded_on.append(threading.get_ident())
+        llm = llm_factory("int4", batch_invariant=True)
+        real = llm.engine.step
+
+        def step():
+            stepped_on.add(threading.get_ident())
+            return real()
+
+        llm.engine.step = step
+        return [variant(llm, "int4")]
+
+    server = LiveServer(load)
+    try:
+        r = server.http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3})
+        assert r.status_code == 200
+        assert stepped_on == set(loaded_on) and loaded_on[0] != threading.get_ident()
+        assert server.on_engine_thread(threading.get_ident) == loaded_on[0]
+    finally:
+        server.stop()
+        del server.server.state.variants[0].llm.engine.step
