@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from engine.block_manager import BlockManager, BlockTable
-from engine.layers.attention import AttentionBatch, KVCache, kv_dtype
+from engine.layers.attention import AttentionBatch, KVCache, decode_kernel_for, kv_dtype
 from engine.machine import memory_limit_bytes
 from engine.models.llama import LlamaModel
 from engine.sampler import logprob_dicts, sample
@@ -48,8 +48,10 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.cache = KVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads,
                              cfg.head_dim, kv_dtype(model.policy.act_dtype, device), device)
-        # decode attention through the Triton paged kernel wherever the GEMMs run on Triton
-        self.decode_kernel = backend_for(device) == "triton"
+        # decode attention through a paged kernel: Triton's where the GEMMs run on Triton,
+        # nibble's C++ one on CPUs that run it
+        self.decode_kernel = decode_kernel_for(device, cfg.head_dim,
+                                               backend_for(device) == "triton")
 
     def run(self, scheduled: list[tuple[Sequence, int]]) -> list[Sequence]:
         """Computes each sequence's next n tokens; returns the sequences that sampled."""

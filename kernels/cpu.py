@@ -79,6 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels import native as native_kernels
 from kernels import reference
 
 log = logging.getLogger("nibble.kernels")
@@ -138,11 +139,14 @@ def is_dense(prepared: Prepared) -> bool:
 
 
 def path(prepared: Prepared, M: int) -> str:
-    """"cpu-dense" (16-bit weights, or dequantize per call at this M) or "cpu-fused"."""
+    """"cpu-dense" (16-bit weights, or dequantize per call at this M), "cpu-native" (int4
+    through kernels/csrc) or "cpu-fused" (PyTorch's fused op)."""
     if is_dense(prepared) or "codes" in prepared:
         return "cpu-dense"
     start = prepared.get("dense_from")
-    return "cpu-dense" if start is not None and start <= M else "cpu-fused"
+    if start is not None and start <= M:
+        return "cpu-dense"
+    return "cpu-native" if "native" in prepared else "cpu-fused"
 
 
 _SCRATCH: dict[tuple, Tensor] = {}
@@ -275,8 +279,16 @@ def int4_prepare(
     K: int,
     act_dtype: torch.dtype = torch.bfloat16,
     batch_invariant: bool = False,
+    native: bool | None = None,
 ) -> Prepared:
-    """Repack int4 weights for the fused CPU op (or dequantize, see the module docstring).
+    """Repack int4 weights for nibble's AVX2 kernel where it runs (native None: wherever
+    kernels.native loads; False: never), else for PyTorch's fused CPU op (or dequantize, see
+    the module docstring).
+
+    The native kernel's form: {"native": int32 [Np/8, K/8, 8], "scale", "bias": float32
+    [K/kg, Np], "group_size": kg, "N": N, "dense_from": M or None} with Np = N rounded up
+    to 8 (kernels/csrc/int4_cpu.cpp describes the layout) and "act", an empty tensor of the
+    activations' dtype. Otherwise:
 
     qweight uint8 [N, ceil(K/2)], scales/zeros float32 [N, ceil(K/group_size)].
     Returns {"packed": uint8 [Np, K/2], "scales_and_zeros": [K/kg, Np, 2] act_dtype,
@@ -291,6 +303,10 @@ def int4_prepare(
         return _dense(w, act_dtype)
     N = qweight.shape[0]
     q = reference.unpack_nibbles(qweight, K).to(torch.int32)
+    mod = native_kernels.load() if native is None or native else None
+    if mod is not None and K % 8 == 0 and kg % 8 == 0:
+        return _int4_native_prepare(q, scales, zeros, group_size, K, kg, act_dtype,
+                                    batch_invariant)
     sz = _int4_scales_and_zeros(scales.float(), zeros.float(), group_size, K, kg, act_dtype)
     pad = -N % _INT4_N_MULTIPLE
     if pad:
@@ -310,6 +326,48 @@ def int4_prepare(
             ("int4", K, N, kg, act_dtype), lambda x: _int4_fused(x, prepared),
             lambda x: _dense_rows(x, _int4_dense_t(prepared), N), K, act_dtype, batch_invariant)
     return prepared
+
+
+def _int4_native_prepare(q: Tensor, scales: Tensor, zeros: Tensor, group_size: int, K: int,
+                         kg: int, act_dtype: torch.dtype, batch_invariant: bool) -> Prepared:
+    """codes int32 [N, K] -> the native kernel's layout, with W = q * scale + bias per kernel
+    group (bias = zero - 8 * scale: the same weights as PyTorch's (q - 8) * scale + zero, with
+    the stored fp32 scales)."""
+    N = q.shape[0]
+    pad = -N % 8
+    src = torch.arange(0, K, kg) // group_size  # the stored group of each kernel group
+    scale, zero = scales.float()[:, src], zeros.float()[:, src]
+    if pad:  # padded columns: codes 0, scale 0, bias 0 -> they compute 0 and are sliced off
+        q = torch.cat([q, q.new_zeros(pad, K)])
+        scale, zero = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scale, zero))
+    Np = N + pad
+    # word (b, c) lane j: the codes of column 8b + j at k = 8c .. 8c + 7, code i at bits 4i..
+    c = q.to(torch.uint8).view(Np // 8, 8, K // 8, 8).permute(0, 2, 1, 3)
+    words = (c[..., 0::2] | (c[..., 1::2] << 4)).contiguous().view(torch.int32)
+    prepared: Prepared = {"native": words.view(Np // 8, K // 8, 8),
+                          "scale": scale.T.contiguous(), "bias": (zero - 8 * scale).T.contiguous(),
+                          "group_size": kg, "N": N, "dense_from": None,
+                          "act": torch.empty(0, dtype=act_dtype)}  # the activations' dtype
+    prepared["dense_from"] = _dense_from(
+        ("int4-native", K, N, kg, act_dtype), lambda x: _int4_native(x, prepared),
+        lambda x: _dense_rows(x, _int4_native_dense_t(prepared), N), K, act_dtype,
+        batch_invariant)
+    return prepared
+
+
+def _int4_native(x2: Tensor, prepared: Prepared) -> Tensor:
+    return native_kernels.load().int4_linear(x2, prepared["native"], prepared["scale"],
+                                             prepared["bias"], prepared["group_size"],
+                                             prepared["N"])
+
+
+def _int4_native_dense_t(prepared: Prepared) -> Tensor:
+    """fp32 W^T [K, Np] from the native layout, into a shared scratch buffer."""
+    words = prepared["native"]
+    out = _scratch("int4-dense", (words.shape[1] * 8, words.shape[0] * 8), torch.float32)
+    native_kernels.load().int4_dequantize_t(words, prepared["scale"], prepared["bias"],
+                                            prepared["group_size"], out)
+    return out
 
 
 def _int4_pack(q: Tensor) -> Tensor:
@@ -439,6 +497,12 @@ def int4_linear(x: Tensor, prepared: Prepared, bias: Tensor | None = None) -> Te
     """x [..., K] act_dtype -> [..., N] act_dtype."""
     if is_dense(prepared):
         return _dense_linear(x, prepared, bias, "int4")
+    if "native" in prepared:
+        N = prepared["N"]
+        x2 = _rows(x, prepared["native"].shape[1] * 8, prepared["act"].dtype, "int4")
+        if path(prepared, x2.shape[0]) == "cpu-dense":
+            return _finish(_dense_rows(x2, _int4_native_dense_t(prepared), N), x.shape[:-1], N, bias)
+        return _finish(_int4_native(x2, prepared), x.shape[:-1], N, bias)
     packed, sz, N = prepared["packed"], prepared["scales_and_zeros"], prepared["N"]
     x2 = _rows(x, packed.shape[1] * 2, sz.dtype, "int4")
     if path(prepared, x2.shape[0]) == "cpu-dense":

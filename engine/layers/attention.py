@@ -12,9 +12,11 @@ SDPA on that took 3.6x as long (16 decode sequences, 2-core AVX2 CPU).
 Per layer, every new row's key and value is written first, then attention reads: a sequence
 may read blocks another sequence of the same step has just written (a shared prompt prefix).
 
-Where the GEMMs run on Triton (CUDA), the sequences of a step that decode one token go through
-one launch of the paged decode kernel (kernels/triton/paged_attention.py), which reads the
-cache through the block tables in place; prompt chunks use SDPA per sequence.
+The sequences of a step that decode one token go through one call of a paged decode kernel,
+which reads the cache through the block tables in place: kernels/triton/paged_attention.py
+where the GEMMs run on Triton (CUDA), kernels/csrc/paged_attention_cpu.cpp on CPUs with AVX2
+(one call per layer instead of one SDPA call and one gather per sequence: at 16 decoding
+sequences that was 480 SDPA calls a step). Prompt chunks use SDPA per sequence.
 """
 
 from __future__ import annotations
@@ -24,6 +26,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def decode_kernel_for(device: torch.device, head_dim: int, triton: bool) -> str | None:
+    """The paged decode kernel for this device: "triton" where the GEMMs run on Triton,
+    "native" on a CPU that runs kernels/csrc (head_dim a multiple of 8), else None (SDPA per
+    sequence)."""
+    if triton:
+        return "triton"
+    if device.type == "cpu" and head_dim % 8 == 0:
+        from kernels import native
+
+        return "native" if native.load() is not None else None
+    return None
 
 
 def kv_dtype(act_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -66,6 +81,7 @@ class DecodeRows:
     rows: Tensor  # [B] their rows in the flat batch
     tables: Tensor  # int32 [B, max blocks], padded
     lens: Tensor  # int32 [B] context lengths
+    kernel: str = "triton"  # or "native"
 
 
 @dataclass
@@ -90,8 +106,9 @@ class AttentionBatch:
     @classmethod
     def build(cls, block_tables: list[list[int]], query_lens: list[int], context_lens: list[int],
               cache: KVCache, device: torch.device | str = "cpu",
-              decode_kernel: bool = False) -> AttentionBatch:
-        """decode_kernel: send one-row sequences through the Triton paged decode kernel."""
+              decode_kernel: str | None = None) -> AttentionBatch:
+        """decode_kernel: send one-row sequences through that paged decode kernel ("triton"
+        or "native", see decode_kernel_for)."""
         for q, c, table in zip(query_lens, context_lens, block_tables, strict=True):
             if not 0 < q <= c <= len(table) * cache.block_size:
                 raise ValueError(f"bad attention layout: query {q}, context {c}, "
@@ -110,7 +127,8 @@ class AttentionBatch:
             tables = torch.tensor([block_tables[i] + [0] * (width - len(block_tables[i]))
                                    for i in one_row], dtype=torch.int32)
             lens = torch.tensor([context_lens[i] for i in one_row], dtype=torch.int32)
-            decode = DecodeRows(one_row, rows.to(device), tables.to(device), lens.to(device))
+            decode = DecodeRows(one_row, rows.to(device), tables.to(device), lens.to(device),
+                                decode_kernel)
         return cls(list(query_lens), list(context_lens), writes.to(device), kv_index.to(device),
                    cache, decode)
 
@@ -205,14 +223,20 @@ def _sdpa(q: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
 
 def _with_decode_kernel(q: Tensor, kc: Tensor, vc: Tensor, batch: AttentionBatch,
                         scale: float) -> Tensor:
-    """One-row sequences in one paged-kernel launch, the rest through SDPA."""
-    from kernels.triton.paged_attention import paged_decode_attention
-
+    """One-row sequences in one paged-kernel call, the rest through SDPA."""
     d = batch.decode
-    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
-    # the kernel takes [slots, Hkv, D] by strides: a transposed view, no copy
+    if d.kernel == "native":
+        from kernels import native
+
+        paged_decode_attention = native.load().paged_decode_attention
+    else:
+        from kernels.triton.paged_attention import paged_decode_attention
+    # the kernels take [slots, Hkv, D] by strides: a transposed view, no copy
     o = paged_decode_attention(q[d.rows], kc.transpose(0, 1), vc.transpose(0, 1), d.tables,
                                d.lens, batch.cache.block_size, scale)
+    if len(d.seqs) == len(batch.query_lens):  # a pure decode step: rows are in order
+        return o.view(q.shape[0], -1)
+    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
     out[d.rows] = o.reshape(len(d.seqs), -1)
     decoded = set(d.seqs)
     rest = [(i, span) for i, span in enumerate(_spans(batch)) if i not in decoded]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu, dispatch
+from kernels import cpu, dispatch, native
 from kernels import reference as R
 from tests.kernels.cases import (
     assert_within_bound,
@@ -24,12 +24,24 @@ MS = [1, 3, 17, 64]
 NS = [96, 200, 960]
 KS = [64, 192, 576, 1536]
 GROUPS = [32, 64, 128]
+# int4's two fast paths: PyTorch's fused op, and nibble's AVX2 kernel where this CPU runs it
+INT4_PATHS = [False, pytest.param(True, marks=pytest.mark.skipif(
+    native.load() is None, reason=f"no native kernels: {native.supported() or 'build failed'}"))]
 
 
-def _check(fmt: str, N: int, K: int, g: int, dtype: torch.dtype, seed: int):
+def fast_label(native_path: bool) -> str:
+    return "cpu-native" if native_path else "cpu-fused"
+
+
+def _check(fmt: str, N: int, K: int, g: int, dtype: torch.dtype, seed: int,
+           native_path: bool | None = None):
     t = quantize(fmt, weights(N, K, seed), g)
     prepare, linear = dispatch.get_kernels(fmt, "cpu")
-    prepared = prepare(t, K=K, group_size=g, act_dtype=dtype)
+    if native_path is None:
+        prepared = prepare(t, K=K, group_size=g, act_dtype=dtype)
+    else:
+        prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], g, K, dtype,
+                                    native=native_path)
     A = magnitude(fmt, t, K, g)
     x_all = torch.randn(max(MS), K, generator=torch.Generator().manual_seed(seed)).to(dtype)
     for M in MS:
@@ -40,14 +52,15 @@ def _check(fmt: str, N: int, K: int, g: int, dtype: torch.dtype, seed: int):
     return prepared
 
 
+@pytest.mark.parametrize("native_path", INT4_PATHS, ids=fast_label)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("g", GROUPS)
 @pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("N", NS)
-def test_int4_matchesreference(N, K, g, dtype):
-    prepared = _check("int4", N, K, g, dtype, seed=N + K + g)
-    # Every shape here is served by the fused op; ragged groups shrink the kernel group.
-    assert not cpu.is_dense(prepared)
+def test_int4_matchesreference(N, K, g, dtype, native_path):
+    prepared = _check("int4", N, K, g, dtype, seed=N + K + g, native_path=native_path)
+    # Every shape here is served by a fast path; ragged groups shrink the kernel group.
+    assert cpu.path(prepared, 1) == fast_label(native_path)
     assert prepared["group_size"] == min(g, K & -K)
 
 
@@ -99,10 +112,18 @@ def test_fp16_activations(fmt):
     _check(fmt, 96, 192, 64, torch.float16, seed=3)
 
 
-def test_int4_pads_n_to_16():
-    t = quantize("int4", weights(200, 64, 0), 32)
-    prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 32, 64)
-    assert prepared["packed"].shape[0] == 208 and prepared["N"] == 200
+@pytest.mark.parametrize("native_path", INT4_PATHS, ids=fast_label)
+def test_int4_pads_n(native_path):
+    """The fused op packs 16 columns at a time, the native kernel 8: N = 196 is padded to
+    208 or 200, and the padding never reaches the output."""
+    t = quantize("int4", weights(196, 64, 0), 32)
+    prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 32, 64,
+                                native=native_path)
+    held = prepared["native"].shape[0] * 8 if native_path else prepared["packed"].shape[0]
+    assert held == (200 if native_path else 208) and prepared["N"] == 196
+    x = torch.randn(3, 64).bfloat16()
+    assert_within_bound(cpu.int4_linear(x, prepared), reference("int4", x, t, 32), x,
+                        magnitude("int4", t, 64, 32))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -171,24 +192,33 @@ def test_int8_misaligned_weight_is_served():
 # --- batch-size dispatch: dequantize per call + fp32 GEMM for large M ----------------------
 
 
+@pytest.mark.parametrize("native_path", INT4_PATHS, ids=fast_label)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fmt,N,K,g", [("int4", 960, 576, 64), ("int4", 64, 1536, 128),
                                        ("int4", 96, 192, 32), ("int4", 200, 64, 32),
                                        ("int8", 200, 576, 0)])
-def test_dense_path_matches_reference(fmt, N, K, g, dtype):
-    """On this machine's own pack layout: prepare offers the dense path for every int4 shape
-    (N = 96 and 200 end in a partial block on AVX-512, 200 on AVX2) and it is right."""
+def test_dense_path_matches_reference(fmt, N, K, g, dtype, native_path):
+    """On this machine's own pack layout (or the native kernel's): prepare offers the dense
+    path for every int4 shape (N = 96 and 200 end in a partial block on AVX-512, 200 on
+    AVX2) and it is right."""
+    if fmt == "int8" and native_path:
+        pytest.skip("the native kernel is int4 only")
     t = quantize(fmt, weights(N, K, N + K), g)
     prepare, linear = dispatch.get_kernels(fmt, "cpu")
-    prepared = prepare(t, K=K, group_size=g, act_dtype=dtype)
-    assert prepared["dense_from"] is None  # NIBBLE_TUNE=0: nothing measured, fused only
     if fmt == "int4":
+        prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], g, K, dtype,
+                                    native=native_path)
+    else:
+        prepared = prepare(t, K=K, group_size=g, act_dtype=dtype)
+    assert prepared["dense_from"] is None  # NIBBLE_TUNE=0: nothing measured, fused only
+    if fmt == "int4" and not native_path:
         assert cpu.int4_pack_layout() is not None and prepared["pack_block"] is not None
     prepared["dense_from"] = 3
     A = magnitude(fmt, t, K, g)
     x_all = torch.randn(64, K, generator=torch.Generator().manual_seed(N)).to(dtype)
     for M in MS:
-        assert dispatch.path_label("cpu", prepared, M) == ("cpu-fused" if M < 3 else "cpu-dense")
+        assert dispatch.path_label("cpu", prepared, M) == \
+            (fast_label(native_path) if M < 3 else "cpu-dense")
         x = x_all[:M]
         y = linear(x, prepared)
         assert y.dtype == dtype and y.shape == (M, N)
@@ -263,7 +293,7 @@ def test_every_layout_decodes_to_the_codes(capability):
 def test_packed_weights_decode_to_their_codes():
     for N in (96, 200):
         t = quantize("int4", weights(N, 256, 5), 64)
-        prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256)
+        prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256, native=False)
         codes = R.unpack_nibbles(t["qweight"], 256).to(torch.int32)
         decoded = cpu._int4_codes_t(prepared["packed"], cpu.int4_pack_layout())
         assert torch.equal(decoded[:, :N], codes.T)
@@ -277,7 +307,7 @@ def test_dense_path_reads_every_layout(capability, N, K, g, dtype):
     """Weights packed as `capability` would pack them, served by the dense path (which uses
     no ISA-specific op) on this machine: within the rounding bound of the reference."""
     t = quantize("int4", weights(N, K, N + g), g)
-    prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], g, K, dtype)
+    prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], g, K, dtype, native=False)
     codes = R.unpack_nibbles(t["qweight"], K)
     layout = LAYOUTS[capability]
     prepared.update(packed=pack_like_torch(codes, capability), pack_block=layout.block,
@@ -303,7 +333,7 @@ def test_unknown_pack_layout_keeps_the_fused_op(monkeypatch, caplog):
             assert cpu.int4_pack_layout() is None
         assert "fused op at every batch size" in caplog.text
         t = quantize("int4", weights(64, 256, 1), 64)
-        prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256)
+        prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256, native=False)
     finally:
         monkeypatch.undo()
         cpu.int4_pack_layout.cache_clear()
@@ -311,25 +341,28 @@ def test_unknown_pack_layout_keeps_the_fused_op(monkeypatch, caplog):
     assert [cpu.path(prepared, M) for M in (1, 512)] == ["cpu-fused", "cpu-fused"]
 
 
-def test_dense_crossover_is_measured_once_per_shape(monkeypatch, caplog):
+@pytest.mark.parametrize("native_path", INT4_PATHS, ids=fast_label)
+def test_dense_crossover_is_measured_once_per_shape(monkeypatch, caplog, native_path):
     """A scripted clock: dense is faster from M=128 up, so calls of 128 rows and more take it;
-    batch_invariant and NIBBLE_TUNE=0 keep the fused op."""
+    batch_invariant and NIBBLE_TUNE=0 keep the fused op (or the native kernel)."""
     timed, _ = script_cpu_clock(monkeypatch, "_dense_rows", lambda M: M >= 128)
     t = quantize("int4", weights(64, 256, 1), 64)
+    fast = fast_label(native_path)
     with caplog.at_level("INFO", logger="nibble.kernels"):
-        prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256)
+        prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256,
+                                    native=native_path)
     assert prepared["dense_from"] == 128
     # largest first, stopping at the first M where the fused op wins
     assert timed == [(512, True), (512, False), (256, True), (256, False), (128, True),
                      (128, False), (64, True), (64, False)]
     assert "dequantize + fp32 GEMM from M 128" in caplog.text
     assert [cpu.path(prepared, m) for m in (1, 127, 128, 512)] == \
-        ["cpu-fused", "cpu-fused", "cpu-dense", "cpu-dense"]
+        [fast, fast, "cpu-dense", "cpu-dense"]
     timed.clear()
-    again = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256)
+    again = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256, native=native_path)
     assert again["dense_from"] == 128 and not timed  # same shape: not measured again
     pinned = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256,
-                              batch_invariant=True)
+                              batch_invariant=True, native=native_path)
     assert pinned["dense_from"] is None
     monkeypatch.setenv("NIBBLE_TUNE", "0")
     assert cpu.int8_prepare(t["qweight"].view(torch.int8)[:, :128].contiguous(),

@@ -224,7 +224,7 @@ def test_long_contexts_on_gpu(H, Hkv, D, bs, dtype):
 
 
 def test_engine_attention_sends_decode_rows_through_the_kernel():
-    """engine/layers/attention.py with decode_kernel=True: a step that mixes two decodes and a
+    """engine/layers/attention.py with decode_kernel="triton": a step that mixes two decodes and a
     prompt chunk gives the per-sequence SDPA result, and the kernel ran on the decode rows."""
     from engine.layers import attention
 
@@ -239,7 +239,8 @@ def test_engine_attention_sends_decode_rows_through_the_kernel():
     k, v = torch.randn(T, 3, 64, device=DEVICE), torch.randn(T, 3, 64, device=DEVICE)
     plain = attention.AttentionBatch.build(tables, qlens, ctxs, cache, DEVICE)
     want = attention.paged_attention(0, q, k, v, plain, 0.125)
-    fused = attention.AttentionBatch.build(tables, qlens, ctxs, cache, DEVICE, decode_kernel=True)
+    fused = attention.AttentionBatch.build(tables, qlens, ctxs, cache, DEVICE,
+                                           decode_kernel="triton")
     assert fused.decode.seqs == [0, 2] and fused.decode.rows.tolist() == [0, 6]
     got = attention.paged_attention(0, q, k, v, fused, 0.125)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

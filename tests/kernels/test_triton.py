@@ -293,7 +293,7 @@ def test_decode_steps_run_the_paged_attention_kernel(tiny_llama, monkeypatch):
     monkeypatch.setattr(paged_attention, "paged_decode_attention",
                         lambda q, *a: calls.append(q.shape[0]) or kernel(q, *a))
     llm = LLM(str(tiny_llama), quant="int8", progress=False, max_model_len=128)
-    assert llm.engine.runner.decode_kernel
+    assert llm.engine.runner.decode_kernel == "triton"
     outs = llm.generate(prompts, params)
     assert calls and max(calls) == 2  # both sequences decode in one launch
     for prompt, out in zip(prompts, outs, strict=True):

@@ -1,0 +1,105 @@
+"""nibble's own C++ CPU kernels (kernels/csrc/), compiled on first use.
+
+PyTorch's int4 CPU op reads a row's weights once per row of x, so 16 decode rows cost 5x one
+row; kernels/csrc/int4_cpu.cpp decodes each weight vector once per tile of 6 rows instead. It
+is built with torch.utils.cpp_extension (the system C++ compiler and ninja) into PyTorch's
+extension cache the first time a process asks for it (`make setup` does that once, about a
+minute on 2 cores); later processes load the built library in well under a second.
+
+`load()` returns the module, or None where it cannot serve: a CPU without AVX2 and FMA (the
+kernel's instructions), NIBBLE_NATIVE=0, or a build that failed (logged once, with the
+compiler's complaint). Callers then keep PyTorch's own ops, which are always correct.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger("nibble.kernels")
+
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("int4_cpu.cpp", "paged_attention_cpu.cpp")]
+NAME = "nibble_cpu_kernels"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def supported() -> str | None:
+    """Why the native kernels cannot run here, or None if they can."""
+    if os.environ.get("NIBBLE_NATIVE") == "0":
+        return "NIBBLE_NATIVE=0"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"a {platform.machine()} CPU (they are x86 AVX2 code)"
+    missing = {"avx2", "fma"} - cpu_flags()
+    if missing:
+        return f"the CPU lacks {', '.join(sorted(missing))}"
+    return None
+
+
+def build_directory() -> Path | None:
+    """Where the library is built: NIBBLE_KERNELS_DIR, else inside the virtual environment
+    per PyTorch version (a build belongs to the PyTorch it was compiled against), else None
+    (PyTorch's default cache) where that is not writable."""
+    if os.environ.get("NIBBLE_KERNELS_DIR"):
+        path = Path(os.environ["NIBBLE_KERNELS_DIR"])
+    else:
+        path = Path(sys.prefix) / "var" / "nibble-kernels" / f"torch-{torch.__version__}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return path if os.access(path, os.W_OK) else None
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The compiled kernels (built on first call in any process), or None; see the module
+    docstring."""
+    why = supported()
+    if why is not None:
+        log.info("native CPU kernels off: %s", why)
+        return None
+    from torch.utils import cpp_extension
+
+    build = build_directory()
+    log.info("native CPU kernels: loading (built on first use, about a minute on 2 cores)")
+    try:
+        # -fopenmp: at::parallel_for compiles to OpenMP regions on PyTorch's own thread pool
+        return cpp_extension.load(NAME, [str(s) for s in SOURCES],
+                                  extra_cflags=["-O3", "-fopenmp"],
+                                  build_directory=str(build) if build else None, verbose=False)
+    except Exception as exc:  # noqa: BLE001 - any build failure: PyTorch's ops still serve
+        log.warning("native CPU kernels could not be built (%s); using PyTorch's int4 op. "
+                    "A C++ compiler and ninja are needed (pip install ninja).",
+                    str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc))
+        return None
+
+
+def main() -> None:
+    """`python -m kernels.native`: build now (what `make setup` runs) and say what happened."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    mod = load()
+    print("native CPU kernels:", "ready" if mod is not None else "not available (see above)",
+          f"(torch {torch.__version__})")
+
+
+if __name__ == "__main__":
+    main()
