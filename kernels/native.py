@@ -26,7 +26,7 @@ import torch
 log = logging.getLogger("nibble.kernels")
 
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("int4_cpu.cpp", "paged_attention_cpu.cpp")]
+           for name in ("int4_cpu.cpp", "paged_attention_cpu.cpp", "llama_decode_cpu.cpp")]
 NAME = "nibble_cpu_kernels"
 
 

@@ -96,14 +96,57 @@ class LlamaModel(nn.Module):
         self.lm_head = QuantLinear(cfg.hidden_size, (cfg.vocab_size,), policy.spec_for("lm_head"), dt)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
                                       dict(cfg.rope_scaling) or None)
+        # (weights, groups) of the fused C++ decode step, set by prepare where it applies
+        self.native_decode: tuple[list[Tensor], list[int]] | None = None
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, positions: Tensor, batch: AttentionBatch) -> Tensor:
         h = self.embed_tokens(input_ids).to(self.residual_dtype)
+        d = batch.decode
+        if self.native_decode is not None and d is not None and d.kernel == "native" \
+                and len(d.seqs) == len(batch.query_lens):  # every row decodes one token
+            return self.norm(self._native_layers(h, positions, batch))
         cos, sin = self.rotary.lookup(positions, self.residual_dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, batch)
         return self.norm(h)
+
+    def _native_layers(self, h: Tensor, positions: Tensor, batch: AttentionBatch) -> Tensor:
+        """Every layer of a pure decode step in one C++ call (kernels/csrc/llama_decode_cpu.cpp)."""
+        from kernels import native
+
+        cfg, d = self.config, batch.decode
+        weights, groups = self.native_decode
+        return native.load().llama_decode(
+            h, self.rotary.cos[positions], self.rotary.sin[positions], weights, groups,
+            batch.cache.k, batch.cache.v, batch.write_slots, d.tables, d.lens,
+            batch.cache.block_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            cfg.rms_norm_eps, cfg.head_dim ** -0.5)
+
+    def _native_decode_weights(self, device: torch.device, batch_invariant: bool):
+        """(weights, groups) for kernels/csrc/llama_decode_cpu.cpp where every layer can take
+        it, else None: a CPU with the native kernels, every linear layer int4 on the native
+        kernel without bias or input permutation, no q/k norms, fp32 residual, and no
+        batch_invariant (the fused step keeps activations fp32 where the eager path rounds
+        linear inputs and outputs to bf16, so a row's tokens could differ between a pure
+        decode step and a step shared with a prompt chunk)."""
+        if device.type != "cpu" or batch_invariant or self.residual_dtype != torch.float32 \
+                or self.config.qk_norm:
+            return None
+        weights, groups = [], []
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            for norm, linears in ((layer.input_layernorm, (a.qkv_proj, a.o_proj)),
+                                  (layer.post_attention_layernorm, (m.gate_up_proj, m.down_proj))):
+                weights.append(norm.weight.data.float().contiguous())
+                for lin in linears:
+                    p = getattr(lin.method, "_prepared", None)
+                    if not p or "native" not in p or lin.bias is not None \
+                            or lin.input_perm is not None:
+                        return None
+                    weights += [p["native"], p["scale"], p["bias"]]
+                    groups.append(p["group_size"])
+        return weights, groups
 
     @torch.inference_mode()
     def logits(self, hidden: Tensor) -> Tensor:
@@ -124,6 +167,7 @@ class LlamaModel(nn.Module):
         for m in self.quant_linears().values():
             m.prepare(device, batch_invariant)
         self.rotary.cos, self.rotary.sin = self.rotary.cos.to(device), self.rotary.sin.to(device)
+        self.native_decode = self._native_decode_weights(device, batch_invariant)
 
     def lm_head_shares_embedding(self) -> bool:
         stored = self.lm_head.method.stored.get("weight")

@@ -14,6 +14,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "nibble_cpu.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -96,26 +98,17 @@ void check(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& 
 }  // namespace
 
 // x [M, K] (float32, bfloat16 or float16) -> [M, N] in x's dtype.
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                       const at::Tensor& bias, int64_t group_size, int64_t N) {
-  check(packed, scale, bias, group_size);
-  const int64_t K = packed.size(1) * 8, Np = packed.size(0) * 8, G = K / group_size;
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [M, ", K, "]");
-  TORCH_CHECK(N > Np - 8 && N <= Np, "N does not match the packed columns");
-  const int64_t M = x.size(0);
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
+void nibble::int4_gemm(const float* xp, int64_t M, int64_t K, const int32_t* wp,
+                       const float* sp, const float* bp, int64_t Np, int64_t group_size,
+                       float* yp) {
+  const int64_t G = K / group_size;
   std::vector<float> xsum(M * G);
-  const float* xp = xf.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
       float s = 0.f;
       for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) s += xp[m * K + k];
       xsum[m * G + g] = s;
     }
-  at::Tensor y = at::empty({M, Np}, x.options().dtype(at::kFloat));
-  float* yp = y.data_ptr<float>();
-  const int32_t* wp = packed.data_ptr<int32_t>();
-  const float *sp = scale.data_ptr<float>(), *bp = bias.data_ptr<float>();
   const int64_t blocks = Np / 8;
   at::parallel_for(0, blocks, kWideBlocks, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end;) {
@@ -134,6 +127,21 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
       ++b;
     }
   });
+}
+
+// x [M, K] (float32, bfloat16 or float16) -> [M, N] in x's dtype.
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                       const at::Tensor& bias, int64_t group_size, int64_t N) {
+  check(packed, scale, bias, group_size);
+  const int64_t K = packed.size(1) * 8, Np = packed.size(0) * 8;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [M, ", K, "]");
+  TORCH_CHECK(N > Np - 8 && N <= Np, "N does not match the packed columns");
+  const int64_t M = x.size(0);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({M, Np}, x.options().dtype(at::kFloat));
+  nibble::int4_gemm(xf.data_ptr<float>(), M, K, packed.data_ptr<int32_t>(),
+                    scale.data_ptr<float>(), bias.data_ptr<float>(), Np, group_size,
+                    y.data_ptr<float>());
   at::Tensor out = N == Np ? y : y.narrow(1, 0, N);
   return out.to(x.scalar_type()).contiguous();
 }
@@ -168,10 +176,19 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
                                   const at::Tensor& context_lens, int64_t block_size,
                                   double scale);  // paged_attention_cpu.cpp
+at::Tensor llama_decode(const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
+                        const std::vector<at::Tensor>& weights, const std::vector<int64_t>& groups,
+                        const std::vector<at::Tensor>& k_caches,
+                        const std::vector<at::Tensor>& v_caches, const at::Tensor& slots,
+                        const at::Tensor& block_tables, const at::Tensor& context_lens,
+                        int64_t block_size, int64_t num_heads, int64_t num_kv_heads,
+                        int64_t head_dim, double eps, double scale);  // llama_decode_cpu.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, "int4 weights x activations (AVX2, FMA)");
   m.def("int4_dequantize_t", &int4_dequantize_t, "int4 weights -> float32 W^T");
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention of every one-token sequence over the paged KV cache (AVX2, FMA)");
+  m.def("llama_decode", &llama_decode,
+        "every decoder layer of a Llama decode step, for int4 layers (AVX2, FMA)");
 }

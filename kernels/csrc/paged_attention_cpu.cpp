@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "nibble_cpu.h"
+
 #include <immintrin.h>
 
 #include <cmath>
@@ -17,28 +19,6 @@
 #include <vector>
 
 namespace {
-
-// exp for x <= 0 (softmax after subtracting the max): 2^n * p(r), r in [-ln2/2, ln2/2], the
-// degree-6 polynomial of Cephes' expf (relative error ~1e-7); below -87 it returns 0.
-__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.0f);
-  const __m256 zero_mask = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
-  x = _mm256_max_ps(x, lo);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), zero_mask);
-}
 
 __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -74,7 +54,7 @@ __attribute__((target("avx2,fma"))) void attend(const float* q, int64_t q_head_s
     __m256 sum8 = _mm256_setzero_ps();
     const __m256 m8 = _mm256_set1_ps(mx);
     for (int64_t t = 0; t < width; t += 8) {
-      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + t), m8));
+      const __m256 e = nibble::exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + t), m8));
       _mm256_storeu_ps(s + t, e);
       sum8 = _mm256_add_ps(sum8, e);
     }
@@ -115,25 +95,32 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                   block_tables.is_contiguous() && context_lens.is_contiguous() &&
                   block_tables.size(0) == B && context_lens.size(0) == B,
               "int32 contiguous block_tables [B, max_blocks] and context_lens [B]");
-  const int64_t group = H / Hkv, max_blocks = block_tables.size(1);
+  const int64_t max_blocks = block_tables.size(1);
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(lens[b] >= 1 && lens[b] <= max_blocks * block_size, "bad context length");
   at::Tensor out = at::empty({B, H, D}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>(),
-              *vp = v_cache.data_ptr<float>();
-  const int32_t* tp = block_tables.data_ptr<int32_t>();
-  float* op = out.data_ptr<float>();
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
-  const int64_t slot_stride = k_cache.stride(0), head_stride = k_cache.stride(1);
+  nibble::decode_attention(q.data_ptr<float>(), q.stride(0), q.stride(1),
+                           k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                           k_cache.stride(0), k_cache.stride(1), block_tables.data_ptr<int32_t>(),
+                           max_blocks, lens, B, H, Hkv, D, block_size, static_cast<float>(scale),
+                           out.data_ptr<float>());
+  return out;
+}
+
+void nibble::decode_attention(const float* qp, int64_t qs0, int64_t qs1, const float* kp,
+                              const float* vp, int64_t slot_stride, int64_t head_stride,
+                              const int32_t* tp, int64_t max_blocks, const int32_t* lens,
+                              int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t block_size,
+                              float scale, float* op) {
+  const int64_t group = H / Hkv;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / Hkv, kvh = i % Hkv;
       attend(qp + b * qs0 + kvh * group * qs1, qs1, kp + kvh * head_stride,
              vp + kvh * head_stride, slot_stride, tp + b * max_blocks, lens[b], block_size, D,
-             group, static_cast<float>(scale), op + (b * H + kvh * group) * D, D, scores);
+             group, scale, op + (b * H + kvh * group) * D, D, scores);
     }
   });
-  return out;
 }

@@ -1,0 +1,46 @@
+// The raw cores of nibble's CPU kernels, shared by their tensor wrappers and by the fused
+// decode step (llama_decode_cpu.cpp). Everything is float32, row-major, x86 AVX2 + FMA.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace nibble {
+
+// exp for x <= 0 (softmax after subtracting the max): 2^n * p(r), r in [-ln2/2, ln2/2], the
+// degree-6 polynomial of Cephes' expf (relative error ~1e-7); below -87 it returns 0.
+__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 zero_mask = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), zero_mask);
+}
+
+// y [M, Np] = x [M, K] @ W^T for int4 weights in the layout of int4_cpu.cpp.
+void int4_gemm(const float* x, int64_t M, int64_t K, const int32_t* packed, const float* scale,
+               const float* bias, int64_t Np, int64_t group_size, float* y);
+
+// Decode attention for B one-token sequences. q row b, head h at q + b * q_row + h * q_head;
+// keys/values of kv head j, slot s at k + j * head_stride + s * slot_stride (same for v); out
+// [B, H, D] contiguous.
+void decode_attention(const float* q, int64_t q_row, int64_t q_head, const float* k,
+                      const float* v, int64_t slot_stride, int64_t head_stride,
+                      const int32_t* tables, int64_t max_blocks, const int32_t* lens, int64_t B,
+                      int64_t H, int64_t Hkv, int64_t D, int64_t block_size, float scale,
+                      float* out);
+
+}  // namespace nibble
