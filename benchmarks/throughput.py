@@ -23,8 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.machine import machine_info, write_report  # noqa: E402
-from benchmarks.quality import corpus_chunks  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
+from engine.eval.texts import BUILTIN, corpus_chunks, corpus_text  # noqa: E402
 
 
 def run_once(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
@@ -54,7 +54,7 @@ def main() -> None:
             for q in args.formats.split(",")}
     first = next(iter(llms.values()))
     need = 2 + args.rounds * sum(levels)
-    chunks = iter(corpus_chunks(first.tokenizer, args.prompt_tokens, need))
+    chunks = iter(corpus_chunks(first.tokenizer, corpus_text(BUILTIN)[0], args.prompt_tokens, need))
     warm = [next(chunks) for _ in range(2)]
     for llm in llms.values():  # warm-up: first calls allocate and pick kernels
         run_once(llm, warm, 4)
@@ -81,6 +81,7 @@ def _paths(llm: LLM) -> dict:
     head = llm.model.lm_head.method
     out["lm_head"] = "fbgemm fp16 GEMM" if getattr(head, "_fp16_gemm", None) is not None \
         else "F.linear"
+    out["fused_decode_step"] = llm.model.native_decode is not None  # kernels/csrc
     return out
 
 
