@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import platform
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -69,6 +70,18 @@ def build_directory() -> Path | None:
     return path if os.access(path, os.W_OK) else None
 
 
+def _ninja_on_path() -> None:
+    """cpp_extension runs `ninja` from PATH; a virtual environment's own ninja (the PyPI
+    package) is not on it unless the environment is activated."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 @functools.cache
 def load() -> ModuleType | None:
     """The compiled kernels (built on first call in any process), or None; see the module
@@ -79,6 +92,7 @@ def load() -> ModuleType | None:
         return None
     from torch.utils import cpp_extension
 
+    _ninja_on_path()
     build = build_directory()
     log.info("native CPU kernels: loading (built on first use, about a minute on 2 cores)")
     try:
