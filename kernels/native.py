@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -94,17 +95,22 @@ def load() -> ModuleType | None:
 
     _ninja_on_path()
     build = build_directory()
-    log.info("native CPU kernels: loading (built on first use, about a minute on 2 cores)")
+    start = time.perf_counter()
     try:
         # -fopenmp: at::parallel_for compiles to OpenMP regions on PyTorch's own thread pool
-        return cpp_extension.load(NAME, [str(s) for s in SOURCES],
-                                  extra_cflags=["-O3", "-fopenmp"],
-                                  build_directory=str(build) if build else None, verbose=False)
+        module = cpp_extension.load(NAME, [str(s) for s in SOURCES],
+                                    extra_cflags=["-O3", "-fopenmp"],
+                                    build_directory=str(build) if build else None, verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure: PyTorch's ops still serve
         log.warning("native CPU kernels could not be built (%s); using PyTorch's int4 op. "
                     "A C++ compiler and ninja are needed (pip install ninja).",
                     str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc))
         return None
+    took = time.perf_counter() - start
+    if took > 5:  # a compile, not a load of the cached library
+        log.info("native CPU kernels: compiled in %.0f s (once per install and PyTorch version)",
+                 took)
+    return module
 
 
 def main() -> None:
