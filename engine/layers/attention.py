@@ -89,19 +89,32 @@ class AttentionBatch:
     """Per-sequence layout of one forward pass (sequences in row order).
 
     query_lens[i] rows of sequence i are in this forward and are the last rows of its
-    context_lens[i] tokens; write_slots [T] is where each row's key and value go. kv_index
-    lists, sequence after sequence, the rows of a layer's cache viewed as [kv_heads * slots,
-    head_dim] that hold each sequence's whole context, head by head: one index_select per layer
-    gathers every sequence's keys as contiguous [kv_heads, ctx, head_dim] pieces (one gather per
-    sequence cost 22 us each, as much as its attention call).
+    context_lens[i] tokens; write_slots [T] is where each row's key and value go.
+    gather_index() lists, sequence after sequence, the rows of a layer's cache viewed as
+    [kv_heads * slots, head_dim] that hold each sequence's whole context, head by head: one
+    index_select per layer gathers every sequence's keys as contiguous [kv_heads, ctx,
+    head_dim] pieces (one gather per sequence cost 22 us each, as much as its attention call).
+    Only the SDPA path needs it, so it is built on first use (a step whose rows all go through
+    a paged decode kernel never builds it).
     """
 
     query_lens: list[int]
     context_lens: list[int]
     write_slots: Tensor
-    kv_index: Tensor
+    block_tables: list[list[int]]
     cache: KVCache
     decode: DecodeRows | None = None
+    device: torch.device | str = "cpu"
+    _kv_index: Tensor | None = None
+
+    def gather_index(self) -> Tensor:
+        if self._kv_index is None:
+            kv_heads, num_slots = self.cache.k[0].shape[:2]
+            heads = torch.arange(kv_heads)[:, None] * num_slots
+            reads = [self.cache.slots(t, 0, c)
+                     for t, c in zip(self.block_tables, self.context_lens, strict=True)]
+            self._kv_index = torch.cat([(heads + r).reshape(-1) for r in reads]).to(self.device)
+        return self._kv_index
 
     @classmethod
     def build(cls, block_tables: list[list[int]], query_lens: list[int], context_lens: list[int],
@@ -113,12 +126,8 @@ class AttentionBatch:
             if not 0 < q <= c <= len(table) * cache.block_size:
                 raise ValueError(f"bad attention layout: query {q}, context {c}, "
                                  f"{len(table)} blocks of {cache.block_size}")
-        reads = [cache.slots(t, 0, c) for t, c in zip(block_tables, context_lens, strict=True)]
-        writes = torch.cat([r[c - q:] for r, q, c in zip(reads, query_lens, context_lens,
-                                                          strict=True)])
-        kv_heads, num_slots = cache.k[0].shape[:2]
-        heads = torch.arange(kv_heads)[:, None] * num_slots
-        kv_index = torch.cat([(heads + r).reshape(-1) for r in reads])
+        writes = torch.cat([cache.slots(t, c - q, c)
+                            for t, q, c in zip(block_tables, query_lens, context_lens, strict=True)])
         decode = None
         one_row = [i for i, q in enumerate(query_lens) if q == 1]
         if decode_kernel and one_row:
@@ -129,8 +138,8 @@ class AttentionBatch:
             lens = torch.tensor([context_lens[i] for i in one_row], dtype=torch.int32)
             decode = DecodeRows(one_row, rows.to(device), tables.to(device), lens.to(device),
                                 decode_kernel)
-        return cls(list(query_lens), list(context_lens), writes.to(device), kv_index.to(device),
-                   cache, decode)
+        return cls(list(query_lens), list(context_lens), writes.to(device),
+                   [list(t) for t in block_tables], cache, decode, device)
 
     @classmethod
     def single(cls, query_len: int, context_len: int, cache: KVCache) -> AttentionBatch:
@@ -188,7 +197,7 @@ class _Contexts:
     def __init__(self, kc: Tensor, vc: Tensor, batch: AttentionBatch, once: bool = True):
         self.kv_heads, _, self.head_dim = kc.shape
         self.kc, self.vc = kc.view(-1, self.head_dim), vc.view(-1, self.head_dim)
-        self.index = batch.kv_index
+        self.index = batch.gather_index()
         self.offsets = [0]
         for ctx in batch.context_lens:
             self.offsets.append(self.offsets[-1] + self.kv_heads * ctx)
