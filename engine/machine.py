@@ -8,14 +8,9 @@ from pathlib import Path
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from kernels.native import cpuinfo
+
+    return cpuinfo("model name") or platform.processor() or "unknown"
 
 
 def memory_limit_bytes(cgroup_root: Path = Path("/sys/fs/cgroup"),

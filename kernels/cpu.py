@@ -498,16 +498,16 @@ def int4_linear(x: Tensor, prepared: Prepared, bias: Tensor | None = None) -> Te
     if is_dense(prepared):
         return _dense_linear(x, prepared, bias, "int4")
     if "native" in prepared:
-        N = prepared["N"]
-        x2 = _rows(x, prepared["native"].shape[1] * 8, prepared["act"].dtype, "int4")
-        if path(prepared, x2.shape[0]) == "cpu-dense":
-            return _finish(_dense_rows(x2, _int4_native_dense_t(prepared), N), x.shape[:-1], N, bias)
-        return _finish(_int4_native(x2, prepared), x.shape[:-1], N, bias)
-    packed, sz, N = prepared["packed"], prepared["scales_and_zeros"], prepared["N"]
-    x2 = _rows(x, packed.shape[1] * 2, sz.dtype, "int4")
+        K, act, fused, dense_t = (prepared["native"].shape[1] * 8, prepared["act"].dtype,
+                                  _int4_native, _int4_native_dense_t)
+    else:
+        K, act, fused, dense_t = (prepared["packed"].shape[1] * 2,
+                                  prepared["scales_and_zeros"].dtype, _int4_fused, _int4_dense_t)
+    N = prepared["N"]
+    x2 = _rows(x, K, act, "int4")
     if path(prepared, x2.shape[0]) == "cpu-dense":
-        return _finish(_dense_rows(x2, _int4_dense_t(prepared), N), x.shape[:-1], N, bias)
-    return _finish(_int4_fused(x2, prepared), x.shape[:-1], N, bias)
+        return _finish(_dense_rows(x2, dense_t(prepared), N), x.shape[:-1], N, bias)
+    return _finish(fused(x2, prepared), x.shape[:-1], N, bias)
 
 
 # ---------------------------------------------------------------------------------------------

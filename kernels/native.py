@@ -1,10 +1,12 @@
 """nibble's own C++ CPU kernels (kernels/csrc/), compiled on first use.
 
 PyTorch's int4 CPU op reads a row's weights once per row of x, so 16 decode rows cost 5x one
-row; kernels/csrc/int4_cpu.cpp decodes each weight vector once per tile of 6 rows instead. It
-is built with torch.utils.cpp_extension (the system C++ compiler and ninja) into PyTorch's
-extension cache the first time a process asks for it (`make setup` does that once, about a
-minute on 2 cores); later processes load the built library in well under a second.
+row; kernels/csrc/int4_cpu.cpp decodes each weight vector once per tile of 4 rows instead.
+kernels/csrc also holds the paged decode attention and the fused Llama decode step. They are
+built with torch.utils.cpp_extension (the system C++ compiler and ninja) into the virtual
+environment (build_directory) the first time a process asks for them (`make setup` does that
+once, about a minute on 2 cores); later processes load the built library in well under a
+second.
 
 `load()` returns the module, or None where it cannot serve: a CPU without AVX2 and FMA (the
 kernel's instructions), NIBBLE_NATIVE=0, or a build that failed (logged once, with the
@@ -28,20 +30,22 @@ import torch
 log = logging.getLogger("nibble.kernels")
 
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("int4_cpu.cpp", "paged_attention_cpu.cpp", "llama_decode_cpu.cpp")]
+           for name in ("bindings.cpp", "int4_cpu.cpp", "paged_attention_cpu.cpp",
+                        "llama_decode_cpu.cpp")]
 NAME = "nibble_cpu_kernels"
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+def cpuinfo(field: str) -> str | None:
+    """The first value of a /proc/cpuinfo field ("model name", "flags"), or None (not Linux,
+    or no such field)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(field):
+                    return line.partition(":")[2].strip()
     except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
+        pass
+    return None
 
 
 def supported() -> str | None:
@@ -50,7 +54,7 @@ def supported() -> str | None:
         return "NIBBLE_NATIVE=0"
     if platform.machine() not in ("x86_64", "AMD64"):
         return f"a {platform.machine()} CPU (they are x86 AVX2 code)"
-    missing = {"avx2", "fma"} - cpu_flags()
+    missing = {"avx2", "fma"} - set((cpuinfo("flags") or "").split())
     if missing:
         return f"the CPU lacks {', '.join(sorted(missing))}"
     return None

@@ -240,10 +240,11 @@ def _with_decode_kernel(q: Tensor, kc: Tensor, vc: Tensor, batch: AttentionBatch
         paged_decode_attention = native.load().paged_decode_attention
     else:
         from kernels.triton.paged_attention import paged_decode_attention
-    # the kernels take [slots, Hkv, D] by strides: a transposed view, no copy
-    o = paged_decode_attention(q[d.rows], kc.transpose(0, 1), vc.transpose(0, 1), d.tables,
-                               d.lens, batch.cache.block_size, scale)
-    if len(d.seqs) == len(batch.query_lens):  # a pure decode step: rows are in order
+    pure = len(d.seqs) == len(batch.query_lens)  # every row decodes: q's rows are d.rows
+    # the kernels take q and [slots, Hkv, D] by strides (a transposed view, no copy)
+    o = paged_decode_attention(q if pure else q[d.rows], kc.transpose(0, 1), vc.transpose(0, 1),
+                               d.tables, d.lens, batch.cache.block_size, scale)
+    if pure:
         return o.view(q.shape[0], -1)
     out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
     out[d.rows] = o.reshape(len(d.seqs), -1)

@@ -171,24 +171,3 @@ void int4_dequantize_t(const at::Tensor& packed, const at::Tensor& scale, const 
       }
   });
 }
-
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
-                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                  const at::Tensor& context_lens, int64_t block_size,
-                                  double scale);  // paged_attention_cpu.cpp
-at::Tensor llama_decode(const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
-                        const std::vector<at::Tensor>& weights, const std::vector<int64_t>& groups,
-                        const std::vector<at::Tensor>& k_caches,
-                        const std::vector<at::Tensor>& v_caches, const at::Tensor& slots,
-                        const at::Tensor& block_tables, const at::Tensor& context_lens,
-                        int64_t block_size, int64_t num_heads, int64_t num_kv_heads,
-                        int64_t head_dim, double eps, double scale);  // llama_decode_cpu.cpp
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int4_linear", &int4_linear, "int4 weights x activations (AVX2, FMA)");
-  m.def("int4_dequantize_t", &int4_dequantize_t, "int4 weights -> float32 W^T");
-  m.def("paged_decode_attention", &paged_decode_attention,
-        "decode attention of every one-token sequence over the paged KV cache (AVX2, FMA)");
-  m.def("llama_decode", &llama_decode,
-        "every decoder layer of a Llama decode step, for int4 layers (AVX2, FMA)");
-}

@@ -1,10 +1,30 @@
-// The raw cores of nibble's CPU kernels, shared by their tensor wrappers and by the fused
+// nibble's CPU kernels: the tensor entry points, and the raw cores they share with the fused
 // decode step (llama_decode_cpu.cpp). Everything is float32, row-major, x86 AVX2 + FMA.
 #pragma once
+
+#include <torch/extension.h>
 
 #include <immintrin.h>
 
 #include <cstdint>
+#include <vector>
+
+// The tensor entry points (bindings.cpp exposes them to Python).
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                       const at::Tensor& bias, int64_t group_size, int64_t N);
+void int4_dequantize_t(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& bias,
+                       int64_t group_size, at::Tensor& out);
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                  const at::Tensor& context_lens, int64_t block_size,
+                                  double scale);
+at::Tensor llama_decode(const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
+                        const std::vector<at::Tensor>& weights, const std::vector<int64_t>& groups,
+                        const std::vector<at::Tensor>& k_caches,
+                        const std::vector<at::Tensor>& v_caches, const at::Tensor& slots,
+                        const at::Tensor& block_tables, const at::Tensor& context_lens,
+                        int64_t block_size, int64_t num_heads, int64_t num_kv_heads,
+                        int64_t head_dim, double eps, double scale);
 
 namespace nibble {
 
