@@ -52,7 +52,8 @@ def load(cfg: EngineConfig, progress: bool = True, prepare: bool = True) -> Load
     fill(model)
     tokenizer = load_tokenizer("gguf" if source.kind == "gguf" else "hf", source.path)
     if prepare:
-        model.prepare(torch.device(cfg.device), cfg.batch_invariant)
+        model.prepare(torch.device(cfg.device), cfg.batch_invariant,
+                      decode_act8=cfg.decode_activations == "int8")
     return Loaded(model, tokenizer, model_cfg, policy, source, max_len)
 
 

@@ -358,7 +358,7 @@ def _int4_native_prepare(q: Tensor, scales: Tensor, zeros: Tensor, group_size: i
 def _int4_native(x2: Tensor, prepared: Prepared) -> Tensor:
     return native_kernels.load().int4_linear(x2, prepared["native"], prepared["scale"],
                                              prepared["bias"], prepared["group_size"],
-                                             prepared["N"])
+                                             prepared["N"], False)
 
 
 def _int4_native_dense_t(prepared: Prepared) -> Tensor:

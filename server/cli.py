@@ -36,11 +36,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rule", "-r", action="append", dest="rules", metavar="REGEX=FORMAT", help=RULE_HELP)
     g.add_argument("--config", "-c", metavar="FILE", help="TOML file (or preset name from configs/) "
                    "with keys model, quant, rules, device, max_model_len, seed, threads, max_num_seqs, "
-                   "max_num_batched_tokens, block_size, kv_cache_memory, batch_invariant; flags override it")
+                   "max_num_batched_tokens, block_size, kv_cache_memory, batch_invariant, decode_activations; "
+                   "flags override it")
     g.add_argument("--device", help="cpu or cuda[:N] (default: cpu)")
     g.add_argument("--max-model-len", type=int, help="context length to reserve KV cache for "
                    "(default: the model's, at most 8192)")
     g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    g.add_argument("--decode-activations", choices=("int8", "fp32"),
+                   help="int4 on CPU: the fused decode step rounds each linear layer's input to "
+                   "int8 per block of 32 and multiplies in integers (default int8, about 2x the "
+                   "GEMM speed), or keeps it fp32")
     g.add_argument("--seed", type=int, help="global random seed (default 0)")
 
 
@@ -325,7 +330,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         return EngineConfig()
     data = read_config(args.config) if args.config else {}
     flags = {"model": args.model, "quant": args.quant, "device": args.device,
-             "max_model_len": args.max_model_len, "threads": args.threads, "seed": args.seed}
+             "max_model_len": args.max_model_len, "threads": args.threads, "seed": args.seed,
+             "decode_activations": getattr(args, "decode_activations", None)}
     for key in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
         flags[key] = getattr(args, key, None)
     data.update({k: v for k, v in flags.items() if v is not None})

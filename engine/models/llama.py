@@ -96,8 +96,10 @@ class LlamaModel(nn.Module):
         self.lm_head = QuantLinear(cfg.hidden_size, (cfg.vocab_size,), policy.spec_for("lm_head"), dt)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
                                       dict(cfg.rope_scaling) or None)
-        # (weights, groups) of the fused C++ decode step, set by prepare where it applies
+        # (weights, groups) of the fused C++ decode step, set by prepare where it applies, and
+        # whether it quantizes the linear layers' inputs to int8
         self.native_decode: tuple[list[Tensor], list[int]] | None = None
+        self.native_decode_act8 = True
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, positions: Tensor, batch: AttentionBatch) -> Tensor:
@@ -121,7 +123,7 @@ class LlamaModel(nn.Module):
             h, self.rotary.cos[positions], self.rotary.sin[positions], weights, groups,
             batch.cache.k, batch.cache.v, batch.write_slots, d.tables, d.lens,
             batch.cache.block_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-            cfg.rms_norm_eps, cfg.head_dim ** -0.5)
+            cfg.rms_norm_eps, cfg.head_dim ** -0.5, self.native_decode_act8)
 
     def _native_decode_weights(self, device: torch.device, batch_invariant: bool):
         """(weights, groups) for kernels/csrc/llama_decode_cpu.cpp where every layer can take
@@ -156,9 +158,12 @@ class LlamaModel(nn.Module):
     def quant_linears(self) -> dict[str, QuantLinear]:
         return {n: m for n, m in self.named_modules() if isinstance(m, QuantLinear)}
 
-    def prepare(self, device: torch.device, batch_invariant: bool = False) -> None:
+    def prepare(self, device: torch.device, batch_invariant: bool = False,
+                decode_act8: bool = True) -> None:
         """Moves the model to ``device`` and repacks every quantized weight for its kernels;
-        once, after loading. A tied 16-bit lm_head keeps sharing the embedding's storage."""
+        once, after loading. A tied 16-bit lm_head keeps sharing the embedding's storage.
+        decode_act8: the fused CPU decode step quantizes linear inputs to int8 (EngineConfig's
+        decode_activations)."""
         tied = self.lm_head_shares_embedding()
         self.to(device)  # parameters: embeddings and norms
         if tied:
@@ -168,6 +173,7 @@ class LlamaModel(nn.Module):
             m.prepare(device, batch_invariant)
         self.rotary.cos, self.rotary.sin = self.rotary.cos.to(device), self.rotary.sin.to(device)
         self.native_decode = self._native_decode_weights(device, batch_invariant)
+        self.native_decode_act8 = decode_act8
 
     def lm_head_shares_embedding(self) -> bool:
         stored = self.lm_head.method.stored.get("weight")

@@ -81,8 +81,8 @@ Linear linear(const std::vector<at::Tensor>& ws, int64_t i, int64_t group) {
           w.size(1) * 8, w.size(0) * 8, group};
 }
 
-void apply(const Linear& l, const float* x, int64_t T, float* y) {
-  nibble::int4_gemm(x, T, l.K, l.w, l.scale, l.bias, l.Np, l.group, y);
+void apply(const Linear& l, const float* x, int64_t T, float* y, bool act8) {
+  nibble::int4_gemm(x, T, l.K, l.w, l.scale, l.bias, l.Np, l.group, y, act8);
 }
 
 }  // namespace
@@ -100,7 +100,7 @@ at::Tensor llama_decode(const at::Tensor& h_in, const at::Tensor& cos, const at:
                         const std::vector<at::Tensor>& v_caches, const at::Tensor& slots,
                         const at::Tensor& block_tables, const at::Tensor& context_lens,
                         int64_t block_size, int64_t num_heads, int64_t num_kv_heads,
-                        int64_t head_dim, double eps, double scale) {
+                        int64_t head_dim, double eps, double scale, bool act8) {
   const int64_t L = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == L * kPerLayer &&
                   static_cast<int64_t>(groups.size()) == L * 4 &&
@@ -137,7 +137,7 @@ at::Tensor llama_decode(const at::Tensor& h_in, const at::Tensor& cos, const at:
     x.resize(T * hidden);
     rms_norm(hp, weights[base].data_ptr<float>(), T, hidden, static_cast<float>(eps), x.data());
     qkv.resize(T * lq.Np);
-    apply(lq, x.data(), T, qkv.data());
+    apply(lq, x.data(), T, qkv.data(), act8);
     rotary(qkv.data(), lq.Np, T, num_heads + num_kv_heads, D, cp, sp);  // q and k heads
     const at::Tensor& kc = k_caches[l];
     const at::Tensor& vc = v_caches[l];
@@ -156,7 +156,7 @@ at::Tensor llama_decode(const at::Tensor& h_in, const at::Tensor& cos, const at:
                              context_lens.data_ptr<int32_t>(), T, num_heads, num_kv_heads, D,
                              block_size, static_cast<float>(scale), attn.data());
     tmp.resize(T * std::max(lo.Np, ld.Np));
-    apply(lo, attn.data(), T, tmp.data());
+    apply(lo, attn.data(), T, tmp.data(), act8);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t i = 0; i < hidden; ++i) hp[t * hidden + i] += tmp[t * lo.Np + i];
     rms_norm(hp, weights[base + 7].data_ptr<float>(), T, hidden, static_cast<float>(eps),
@@ -164,9 +164,9 @@ at::Tensor llama_decode(const at::Tensor& h_in, const at::Tensor& cos, const at:
     act.resize(T * std::max(lg.Np, inter));
     std::vector<float>& gu = qkv;  // reused: gate|up rows
     gu.resize(T * lg.Np);
-    apply(lg, x.data(), T, gu.data());
+    apply(lg, x.data(), T, gu.data(), act8);
     silu_mul(gu.data(), lg.Np, T, inter, act.data());
-    apply(ld, act.data(), T, tmp.data());
+    apply(ld, act.data(), T, tmp.data(), act8);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t i = 0; i < hidden; ++i) hp[t * hidden + i] += tmp[t * ld.Np + i];
   }

@@ -11,7 +11,7 @@
 
 // The tensor entry points (bindings.cpp exposes them to Python).
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                       const at::Tensor& bias, int64_t group_size, int64_t N);
+                       const at::Tensor& bias, int64_t group_size, int64_t N, bool act8);
 void int4_dequantize_t(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& bias,
                        int64_t group_size, at::Tensor& out);
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
@@ -24,7 +24,7 @@ at::Tensor llama_decode(const at::Tensor& h, const at::Tensor& cos, const at::Te
                         const std::vector<at::Tensor>& v_caches, const at::Tensor& slots,
                         const at::Tensor& block_tables, const at::Tensor& context_lens,
                         int64_t block_size, int64_t num_heads, int64_t num_kv_heads,
-                        int64_t head_dim, double eps, double scale);
+                        int64_t head_dim, double eps, double scale, bool act8);
 
 namespace nibble {
 
@@ -50,9 +50,11 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), zero_mask);
 }
 
-// y [M, Np] = x [M, K] @ W^T for int4 weights in the layout of int4_cpu.cpp.
+// y [M, Np] = x [M, K] @ W^T for int4 weights in the layout of int4_cpu.cpp; act8: with x
+// quantized to int8 per block of 32 (where int4_q8_applies, else x stays fp32).
 void int4_gemm(const float* x, int64_t M, int64_t K, const int32_t* packed, const float* scale,
-               const float* bias, int64_t Np, int64_t group_size, float* y);
+               const float* bias, int64_t Np, int64_t group_size, float* y, bool act8);
+bool int4_q8_applies(int64_t K, int64_t group_size);
 
 // Decode attention for B one-token sequences. q row b, head h at q + b * q_row + h * q_head;
 // keys/values of kv head j, slot s at k + j * head_stride + s * slot_stride (same for v); out

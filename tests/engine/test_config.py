@@ -60,6 +60,7 @@ def test_config_file_keys_are_checked():
     ({"kv_cache_memory": -1}, "bytes .* or a fraction"),
     ({"kv_cache_memory": "2GB"}, "bytes .* or a fraction"),
     ({"max_num_seq": 8}, "Did you mean 'max_num_seqs'"),
+    ({"decode_activations": "int4"}, "decode_activations must be 'int8' or 'fp32'"),
 ])
 def test_batching_options_are_checked(values, hint):
     with pytest.raises(ConfigError, match=hint):

@@ -71,6 +71,9 @@ def test_variants_from_a_config_file(tmp_path):
     args = build_parser().parse_args(["serve", "-c", "serve-ab-bf16-int4", "--variants", "int8"])
     engine_config(args)
     assert args.variants == "int8"  # the flag wins
+    assert engine_config(build_parser().parse_args(["serve"])).decode_activations == "int8"
+    fp32 = build_parser().parse_args(["serve", "--decode-activations", "fp32"])
+    assert engine_config(fp32).decode_activations == "fp32"
 
 
 class Process:
