@@ -15,17 +15,27 @@ from engine.sequence import Sequence
 def sample(logits: Tensor, seqs: list[Sequence]) -> list[tuple[int, dict[int, float] | None]]:
     """logits [B, V] fp32, one row per sequence -> (token, logprobs or None) per sequence."""
     out = []
-    for row, seq in zip(logits, seqs, strict=True):
-        token = _sample_row(_adjust(row, seq), seq)
+    # greedy rows without logit changes: one argmax over all of them (first maximum, as per row)
+    plain = [seq.params.greedy and not _adjusts(seq) for seq in seqs]
+    top = logits.argmax(-1).tolist() if any(plain) else None
+    for i, (row, seq) in enumerate(zip(logits, seqs, strict=True)):
+        token = top[i] if plain[i] else _sample_row(_adjust(row, seq), seq)
         out.append((token, _logprobs(row, token, seq.params.logprobs)))
     return out
 
 
-def _adjust(row: Tensor, seq: Sequence) -> Tensor:
+def _adjusts(seq: Sequence) -> bool:
+    """Whether _adjust changes this sequence's logits."""
     p = seq.params
+    return seq.logit_bias is not None or p.repetition_penalty != 1.0 \
+        or bool(p.presence_penalty) or bool(p.frequency_penalty)
+
+
+def _adjust(row: Tensor, seq: Sequence) -> Tensor:
     if seq.logit_bias is not None:
         ids, bias = seq.logit_bias
         row = row.index_add(0, ids, bias)
+    p = seq.params
     if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
         row = _penalize(row, seq)
     return row

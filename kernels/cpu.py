@@ -528,7 +528,9 @@ def int8_prepare(
         # The op segfaults for M > 1 on a weight that is not 64-byte aligned (tensors read
         # from safetensors files sit at 8-byte offsets); a fresh allocation is aligned.
         qweight = qweight.contiguous().clone()
-    prepared: Prepared = {"qweight": qweight, "scales": scales.to(act_dtype).contiguous()}
+    # scales_f32: the exact scales, for nibble's int8 kernel (kernels/csrc/int8_cpu.cpp)
+    prepared: Prepared = {"qweight": qweight, "scales": scales.to(act_dtype).contiguous(),
+                          "scales_f32": scales.float().contiguous()}
     N, K = qweight.shape
     prepared["dense_from"] = _dense_from(
         ("int8", K, N, act_dtype), lambda x: _int8_fused(x, prepared),

@@ -100,13 +100,18 @@ class LlamaModel(nn.Module):
         # whether it quantizes the linear layers' inputs to int8
         self.native_decode: tuple[list[Tensor], list[int]] | None = None
         self.native_decode_act8 = True
+        # an int8 lm_head's (codes, fp32 scales) for the logits of a fused decode step with
+        # int8 activations (kernels/csrc/int8_cpu.cpp), and whether the last forward was one
+        self.native_logits: tuple[Tensor, Tensor] | None = None
+        self._fused_step = False
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, positions: Tensor, batch: AttentionBatch) -> Tensor:
         h = self.embed_tokens(input_ids).to(self.residual_dtype)
         d = batch.decode
-        if self.native_decode is not None and d is not None and d.kernel == "native" \
-                and len(d.seqs) == len(batch.query_lens):  # every row decodes one token
+        self._fused_step = self.native_decode is not None and d is not None \
+            and d.kernel == "native" and len(d.seqs) == len(batch.query_lens)
+        if self._fused_step:  # every row decodes one token
             return self.norm(self._native_layers(h, positions, batch))
         cos, sin = self.rotary.lookup(positions, self.residual_dtype)
         for layer in self.layers:
@@ -152,8 +157,23 @@ class LlamaModel(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: Tensor) -> Tensor:
-        """hidden [R, hidden] -> fp32 logits [R, vocab]."""
+        """hidden [R, hidden] -> fp32 logits [R, vocab]. After a fused decode step with int8
+        activations, an int8 lm_head takes them too (native_logits)."""
+        if self._fused_step and self.native_logits is not None:
+            from kernels import native
+
+            return native.load().int8_linear_act8(hidden.float(), *self.native_logits)
         return self.lm_head(hidden).float()
+
+    def _native_logits_weights(self) -> tuple[Tensor, Tensor] | None:
+        """The int8 lm_head's codes and fp32 scales where nibble's int8 kernel can take them."""
+        method = self.lm_head.method
+        p = getattr(method, "_prepared", None)
+        if self.native_decode is None or not self.native_decode_act8 \
+                or getattr(method, "name", None) != "int8" or not p or "scales_f32" not in p \
+                or self.lm_head.bias is not None or p["qweight"].shape[1] % 32:
+            return None
+        return p["qweight"], p["scales_f32"]
 
     def quant_linears(self) -> dict[str, QuantLinear]:
         return {n: m for n, m in self.named_modules() if isinstance(m, QuantLinear)}
@@ -174,6 +194,7 @@ class LlamaModel(nn.Module):
         self.rotary.cos, self.rotary.sin = self.rotary.cos.to(device), self.rotary.sin.to(device)
         self.native_decode = self._native_decode_weights(device, batch_invariant)
         self.native_decode_act8 = decode_act8
+        self.native_logits = self._native_logits_weights()
 
     def lm_head_shares_embedding(self) -> bool:
         stored = self.lm_head.method.stored.get("weight")

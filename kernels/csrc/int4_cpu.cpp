@@ -84,42 +84,13 @@ using TileFn = void (*)(const float*, int64_t, const int32_t*, const float*, con
 constexpr TileFn kRowTiles[kRowTile + 1] = {nullptr, tile<1, 1>, tile<2, 1>, tile<3, 1>,
                                             tile<4, 1>};
 
-// The 8-bit activation path. Each row of x is quantized in blocks of kQBlock: a = max|x| / 127,
-// xq = round(x / a), and within every chunk of 8 the bytes are stored as k = 0 2 4 6 1 3 5 7,
-// so that the 4-byte word 2c of a row pairs with the low nibbles of a weight word (codes
+// The 8-bit activation path. Each row of x is quantized in blocks of kQBlock
+// (nibble::quantize_activations), and within every chunk of 8 the bytes are stored as
+// k = 0 2 4 6 1 3 5 7, so that the 4-byte word 2c of a row pairs with the low nibbles of a weight word (codes
 // 0 2 4 6 of its column) and word 2c + 1 with the high nibbles. Two vpmaddubsw (unsigned
 // codes x signed activations, pairs summed into int16) then give 8 columns x 8 k products;
 // a block's 8 such sums per lane stay below 8 * 2 * 15 * 127 = 30480, inside int16.
-constexpr int64_t kQBlock = 32;
-
-__attribute__((target("avx2,fma"))) void quantize_rows(const float* x, int64_t M, int64_t K,
-                                                       int8_t* xq, float* xa) {
-  static const int kOrder[8] = {0, 2, 4, 6, 1, 3, 5, 7};
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < K / kQBlock; ++b) {
-      const float* xb = x + m * K + b * kQBlock;
-      __m256 v[kQBlock / 8];
-      __m256 amax = _mm256_setzero_ps();
-      for (int i = 0; i < kQBlock / 8; ++i) {
-        v[i] = _mm256_loadu_ps(xb + 8 * i);
-        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-      }
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, amax);
-      float top = 0.f;
-      for (float f : lanes) top = std::max(top, f);
-      const float inv = top > 0.f ? 127.0f / top : 0.f;
-      xa[m * (K / kQBlock) + b] = top / 127.0f;
-      int8_t* out = xq + m * K + b * kQBlock;
-      for (int i = 0; i < kQBlock / 8; ++i) {
-        alignas(32) int32_t q[8];  // round to nearest even (the default MXCSR mode)
-        _mm256_store_si256(reinterpret_cast<__m256i*>(q),
-                           _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv))));
-        for (int j = 0; j < 8; ++j) out[8 * i + j] = static_cast<int8_t>(q[kOrder[j]]);
-      }
-    }
-}
+constexpr int64_t kQBlock = nibble::kActBlock;
 
 // MR rows x NB column blocks on 8-bit activations. Per activation block, each row sums code x
 // xq exactly in int16 lanes; per block the int32 sum goes to fp32 and into the row's total as
@@ -208,7 +179,7 @@ void nibble::int4_gemm(const float* xp, int64_t M, int64_t K, const int32_t* wp,
   act8 = act8 && int4_q8_applies(K, group_size);
   std::vector<int8_t> xq(act8 ? M * K : 0);
   std::vector<float> xa(act8 ? M * KB : 0);
-  if (act8) quantize_rows(xp, M, K, xq.data(), xa.data());
+  if (act8) quantize_activations(xp, M, K, true, xq.data(), xa.data());
   // bias * sum(x) per group; on the 8-bit path the sum of the quantized x, so that the row
   // computes exactly W . x_quantized (the codes' offset, which the bias cancels, then adds no
   // error of its own)

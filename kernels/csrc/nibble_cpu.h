@@ -14,6 +14,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
                        const at::Tensor& bias, int64_t group_size, int64_t N, bool act8);
 void int4_dequantize_t(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& bias,
                        int64_t group_size, at::Tensor& out);
+at::Tensor int8_linear_act8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale);
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
                                   const at::Tensor& context_lens, int64_t block_size,
@@ -48,6 +49,42 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive(__m256 x) {
   const __m256i e = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), zero_mask);
+}
+
+// 8-bit activations: each row of x [M, K] in blocks of kActBlock, a = max|x| / 127 (xa
+// [M, K / kActBlock]) and xq = round(x / a) to nearest even; nibble_order stores each chunk of
+// 8 as k = 0 2 4 6 1 3 5 7 (int4_cpu.cpp pairs them with a word's low and high nibbles).
+constexpr int64_t kActBlock = 32;
+
+__attribute__((target("avx2,fma"))) inline void quantize_activations(const float* x, int64_t M,
+                                                                     int64_t K, bool nibble_order,
+                                                                     int8_t* xq, float* xa) {
+  static const int kNibbleOrder[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < K / kActBlock; ++b) {
+      const float* xb = x + m * K + b * kActBlock;
+      __m256 v[kActBlock / 8];
+      __m256 amax = _mm256_setzero_ps();
+      for (int i = 0; i < kActBlock / 8; ++i) {
+        v[i] = _mm256_loadu_ps(xb + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+      }
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, amax);
+      float top = 0.f;
+      for (float f : lanes) top = top > f ? top : f;
+      const float inv = top > 0.f ? 127.0f / top : 0.f;
+      xa[m * (K / kActBlock) + b] = top / 127.0f;
+      int8_t* out = xq + m * K + b * kActBlock;
+      for (int i = 0; i < kActBlock / 8; ++i) {
+        alignas(32) int32_t q[8];  // round to nearest even (the default MXCSR mode)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(q),
+                           _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv))));
+        for (int j = 0; j < 8; ++j)
+          out[8 * i + j] = static_cast<int8_t>(q[nibble_order ? kNibbleOrder[j] : j]);
+      }
+    }
 }
 
 // y [M, Np] = x [M, K] @ W^T for int4 weights in the layout of int4_cpu.cpp; act8: with x

@@ -28,11 +28,15 @@ QUESTIONS = ["What is the capital of France?", "Write a poem about the sea.",
              "Explain gravity to a child."]
 
 
-@pytest.mark.parametrize("mode", ["fp32", "int8"])
-def test_pure_decode_steps_run_fused_and_agree_with_the_eager_layers(mode):
+@pytest.mark.parametrize(("mode", "rules"), [("fp32", []), ("int8", []),
+                                             ("int8", ["lm_head=int8"])])
+def test_pure_decode_steps_run_fused_and_agree_with_the_eager_layers(mode, rules, monkeypatch):
+    """With an int8 lm_head and int8 activations the fused step's logits also come from
+    nibble's int8 kernel (the eager side: PyTorch's int8 op on bf16 activations)."""
     llm = LLM("smollm2-135m", quant="int4", progress=False, max_model_len=256,
-              decode_activations=mode)
+              decode_activations=mode, rules=rules)
     assert llm.model.native_decode_act8 == (mode == "int8")
+    assert (llm.model.native_logits is not None) == (mode == "int8" and bool(rules))
     assert llm.model.native_decode is not None
     model = llm.model
     fused_calls, logits = [], []
@@ -41,10 +45,14 @@ def test_pure_decode_steps_run_fused_and_agree_with_the_eager_layers(mode):
     model.logits = lambda h: logits.append(real_logits(h)) or logits[-1]
     prompts = [llm.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     n = 24
+    int8_logits, real_kernel = [], native.load().int8_linear_act8
+    monkeypatch.setattr(native.load(), "int8_linear_act8",
+                        lambda x, *w: int8_logits.append(x.shape[0]) or real_kernel(x, *w))
     outs = llm.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
     del model._native_layers, model.logits
     # one prefill step (no fused call), then n - 1 pure decode steps of all three sequences
     assert fused_calls == [3] * (n - 1)
+    assert int8_logits == ([3] * (n - 1) if rules else [])
     steps = torch.stack([row for step in logits for row in step.split(1)]).view(n, 3, -1)
     for i, (ids, out) in enumerate(zip(prompts, outs, strict=True)):
         fused = steps[1:, i].float().log_softmax(-1)  # decode steps: row k predicts token k + 1

@@ -1,5 +1,6 @@
-"""The native int4 kernel's 8-bit activation path (kernels/csrc/int4_cpu.cpp), which the fused
-CPU decode step uses with decode_activations="int8".
+"""The native kernels' 8-bit activation paths, which the fused CPU decode step uses with
+decode_activations="int8": int4 weights (kernels/csrc/int4_cpu.cpp) and an int8 lm_head
+(kernels/csrc/int8_cpu.cpp).
 
 Each row of x is quantized per block of 32: a = max|x| / 127, x_q = round(x / a) (to nearest,
 ties to even). The kernel then computes W @ (a * x_q) with exact integer dot products, so
@@ -89,3 +90,44 @@ def test_shapes_without_whole_blocks_keep_fp32_activations():
                     "N": N}
         x = torch.randn(3, K, generator=g)
         assert torch.equal(run(prepared, x, act8=True), run(prepared, x, act8=False))
+
+
+# --- int8 weights (kernels/csrc/int8_cpu.cpp): an int8 lm_head after a fused decode step ---
+
+
+def run8(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return native.load().int8_linear_act8(x, q, s)
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 9])
+@pytest.mark.parametrize(("N", "K"), [(96, 64), (1000, 576)])
+def test_int8_weights_compute_w_times_the_quantized_rows(N, K, M):
+    t = quantize("int8", weights(N, K, seed=N + M), 0)
+    q, s = t["qweight"], t["scales"].float().contiguous()
+    w = R.dequantize_int8(q, s).double()
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)) * 3
+    x[:, 7] *= 40
+    xq, a = quantized_rows(x)
+    y = run8(q, s, x)
+    A = magnitude("int8", t, K, 0)
+    assert_within_bound(y, (xq.double() @ w.T).float(), xq, A, roundings=0)
+    exact = (x.double() @ w.T).float()
+    slack = (x.abs() @ A.T) * (2 * K * 2.0**-24) + 1e-6
+    assert ((y - exact).abs() <= (a @ w.abs().T.float()) / 2 + slack).all()
+
+
+def test_int8_weight_rows_do_not_depend_on_the_batch():
+    t = quantize("int8", weights(200, 576, seed=3), 0)
+    q, s = t["qweight"], t["scales"].float().contiguous()
+    x = torch.randn(7, 576, generator=torch.Generator().manual_seed(4))
+    batched = run8(q, s, x)
+    for i in range(7):
+        assert torch.equal(run8(q, s, x[i:i + 1]), batched[i:i + 1])
+
+
+def test_int8_kernel_refuses_what_it_cannot_compute():
+    q = torch.zeros(16, 48, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        run8(q, torch.ones(16), torch.randn(1, 48))
+    with pytest.raises(RuntimeError, match="float32"):
+        run8(torch.zeros(16, 64, dtype=torch.int8), torch.ones(16), torch.randn(1, 64).half())
