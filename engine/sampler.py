@@ -32,10 +32,10 @@ def _adjusts(seq: Sequence) -> bool:
 
 
 def _adjust(row: Tensor, seq: Sequence) -> Tensor:
+    p = seq.params
     if seq.logit_bias is not None:
         ids, bias = seq.logit_bias
         row = row.index_add(0, ids, bias)
-    p = seq.params
     if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
         row = _penalize(row, seq)
     return row

@@ -2,7 +2,9 @@
 
 PyTorch's int4 CPU op reads a row's weights once per row of x, so 16 decode rows cost 5x one
 row; kernels/csrc/int4_cpu.cpp decodes each weight vector once per tile of 4 rows instead.
-kernels/csrc also holds the paged decode attention and the fused Llama decode step. They are
+Its 8-bit activation path (rows rounded to int8 per block of 32, integer dot products) serves
+the fused Llama decode step, which kernels/csrc also holds with the paged decode attention
+and an int8 x int8 kernel for an int8 lm_head after that step. They are
 built with torch.utils.cpp_extension (the system C++ compiler and ninja) into the virtual
 environment (build_directory) the first time a process asks for them (`make setup` does that
 once, about a minute on 2 cores); later processes load the built library in well under a

@@ -1,4 +1,5 @@
-// int4 weights x 16/32-bit activations on x86 CPUs with AVX2 and FMA.
+// int4 weights x 16/32-bit activations, or x activations rounded to int8, on x86 CPUs with
+// AVX2 and FMA.
 //
 // Layout (built by kernels/native.py from the codes): output columns go in blocks of 8 and the
 // inner dimension in chunks of 8. Word (b, c) of `packed` int32 [N/8, K/8, 8] holds, in lane j,
