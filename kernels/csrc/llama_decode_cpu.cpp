@@ -1,9 +1,10 @@
 // Every decoder layer of a Llama decode step in one call, for models whose linear layers are
 // all int4 on the native kernel: the eager path's ~25 PyTorch ops per layer (each with its
 // Python and dispatcher overhead) become plain loops and the same int4 and attention cores.
-// Activations stay float32 throughout (the eager path rounds each linear layer's input and
-// output to bf16), so results agree with it to rounding, not bitwise; the engine uses this
-// only where batch invariance is not asked for.
+// Activations stay float32 between operations (the eager path rounds each linear layer's
+// input and output to bf16), and with act8 each int4 GEMM rounds its input to int8 per block
+// of 32 (int4_cpu.cpp), so results agree with the eager path to rounding, not bitwise; the
+// engine uses this only where batch invariance is not asked for.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
