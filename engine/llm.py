@@ -27,8 +27,8 @@ class LLM:
                  max_model_len: int | None = None, seed: int = 0, threads: int | None = None,
                  progress: bool = True, config: EngineConfig | None = None, **options):
         """options: the other EngineConfig fields (max_num_seqs, max_num_batched_tokens,
-        block_size, kv_cache_memory, batch_invariant, decode_activations); an unknown one is an error naming the
-        valid ones."""
+        block_size, kv_cache_memory, batch_invariant, decode_activations); an unknown one is an
+        error naming the valid ones."""
         self.config = config or EngineConfig.from_dict(dict(
             model=model, quant=quant, rules=list(rules), device=device,
             max_model_len=max_model_len, seed=seed, threads=threads, **options))

@@ -87,10 +87,11 @@ constexpr TileFn kRowTiles[kRowTile + 1] = {nullptr, tile<1, 1>, tile<2, 1>, til
 
 // The 8-bit activation path. Each row of x is quantized in blocks of kQBlock
 // (nibble::quantize_activations), and within every chunk of 8 the bytes are stored as
-// k = 0 2 4 6 1 3 5 7, so that the 4-byte word 2c of a row pairs with the low nibbles of a weight word (codes
-// 0 2 4 6 of its column) and word 2c + 1 with the high nibbles. Two vpmaddubsw (unsigned
-// codes x signed activations, pairs summed into int16) then give 8 columns x 8 k products;
-// a block's 8 such sums per lane stay below 8 * 2 * 15 * 127 = 30480, inside int16.
+// k = 0 2 4 6 1 3 5 7, so that the 4-byte word 2c of a row pairs with the low nibbles of a
+// weight word (codes 0 2 4 6 of its column) and word 2c + 1 with the high nibbles. Two
+// vpmaddubsw (unsigned codes x signed activations, pairs summed into int16) then give 8
+// columns x 8 k products; a block's 8 such sums per lane stay below 8 * 2 * 15 * 127 = 30480,
+// inside int16.
 constexpr int64_t kQBlock = nibble::kActBlock;
 
 // MR rows x NB column blocks on 8-bit activations. Per activation block, each row sums code x
@@ -169,15 +170,11 @@ void check(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& 
 
 }  // namespace
 
-bool nibble::int4_q8_applies(int64_t K, int64_t group_size) {
-  return K % kQBlock == 0 && group_size % kQBlock == 0;
-}
-
 void nibble::int4_gemm(const float* xp, int64_t M, int64_t K, const int32_t* wp,
                        const float* sp, const float* bp, int64_t Np, int64_t group_size,
                        float* yp, bool act8) {
   const int64_t G = K / group_size, KB = K / kQBlock;
-  act8 = act8 && int4_q8_applies(K, group_size);
+  act8 = act8 && K % kQBlock == 0 && group_size % kQBlock == 0;  // else x stays fp32
   std::vector<int8_t> xq(act8 ? M * K : 0);
   std::vector<float> xa(act8 ? M * KB : 0);
   if (act8) quantize_activations(xp, M, K, true, xq.data(), xa.data());
@@ -189,7 +186,8 @@ void nibble::int4_gemm(const float* xp, int64_t M, int64_t K, const int32_t* wp,
     for (int64_t g = 0; g < G; ++g) {
       float s = 0.f;
       if (act8) {
-        for (int64_t blk = g * group_size / kQBlock; blk < (g + 1) * group_size / kQBlock; ++blk) {
+        for (int64_t blk = g * (group_size / kQBlock); blk < (g + 1) * (group_size / kQBlock);
+             ++blk) {
           int32_t q = 0;
           for (int64_t k = blk * kQBlock; k < (blk + 1) * kQBlock; ++k) q += xq[m * K + k];
           s += static_cast<float>(q) * xa[m * KB + blk];

@@ -88,10 +88,10 @@ __attribute__((target("avx2,fma"))) inline void quantize_activations(const float
 }
 
 // y [M, Np] = x [M, K] @ W^T for int4 weights in the layout of int4_cpu.cpp; act8: with x
-// quantized to int8 per block of 32 (where int4_q8_applies, else x stays fp32).
+// quantized to int8 per block of 32 (where K and the group are multiples of 32, else x stays
+// fp32).
 void int4_gemm(const float* x, int64_t M, int64_t K, const int32_t* packed, const float* scale,
                const float* bias, int64_t Np, int64_t group_size, float* y, bool act8);
-bool int4_q8_applies(int64_t K, int64_t group_size);
 
 // Decode attention for B one-token sequences. q row b, head h at q + b * q_row + h * q_head;
 // keys/values of kv head j, slot s at k + j * head_stride + s * slot_stride (same for v); out
