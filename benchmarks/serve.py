@@ -7,9 +7,13 @@ see the same tokens) generate 128 tokens each, EOS ignored, greedy. Baseline: on
 thread that loaded the model, as in `nibble serve`). Server: the same LLM served by that
 in-process server (engine thread + event loop), driven by a separate client process that
 opens c streaming /v1/completions requests at once over loopback; it records each request's
-time to first token and the gaps between chunks. Output tok/s = c x 128 / wall time. Rounds
-alternate baseline and server; medians are reported with the server/baseline ratio. Writes
-JSON under benchmarks/results/.
+time to first token and the gaps between chunks. Output tok/s = c x 128 / wall time. Each
+round runs both sides back to back, in alternating order (engine first in odd rounds, server
+first in even ones) so that a machine that slows or speeds up during the run does not favour
+one side; the reported ratio is the median of the rounds' own server/engine ratios, with
+their range (a shared machine's speed drifts by more than the server's cost between rounds,
+so a ratio of two medians taken minutes apart says little). Writes JSON under
+benchmarks/results/.
 
     python benchmarks/serve.py                        # int4, c = 1 and 16, 3 rounds
     python benchmarks/serve.py --quant bf16 --concurrency 1,4,16 --rounds 2
@@ -76,7 +80,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--client", help=argparse.SUPPRESS)  # internal: run as the client process
     args = ap.parse_args()
@@ -128,8 +132,9 @@ def main() -> None:
     try:
         for r in range(args.rounds):
             for c in levels:
-                runs[c]["engine"].append(direct([next(chunks) for _ in range(c)]))
-                runs[c]["server"].append(served([next(chunks) for _ in range(c)]))
+                sides = [("engine", direct), ("server", served)]
+                for side, fn in sides if r % 2 == 0 else sides[::-1]:
+                    runs[c][side].append(fn([next(chunks) for _ in range(c)]))
                 print(f"round {r + 1}/{args.rounds} x{c:<3} engine {runs[c]['engine'][-1]:6.1f} "
                       f"server {runs[c]['server'][-1]['tok_per_s']:6.1f} tok/s", file=sys.stderr)
     finally:
@@ -138,10 +143,14 @@ def main() -> None:
     for c in levels:
         eng = statistics.median(runs[c]["engine"])
         srv = statistics.median(r["tok_per_s"] for r in runs[c]["server"])
+        ratios = [s["tok_per_s"] / e for s, e in zip(runs[c]["server"], runs[c]["engine"],
+                                                      strict=True)]
         ttft = [t for r in runs[c]["server"] for t in r["ttft_s"]]
         gaps = [g for r in runs[c]["server"] for g in r["chunk_gap_s"]]
         rows.append({"concurrency": c, "engine_tok_per_s": round(eng, 1),
-                     "server_tok_per_s": round(srv, 1), "server_vs_engine": round(srv / eng, 3),
+                     "server_tok_per_s": round(srv, 1),
+                     "server_vs_engine": round(statistics.median(ratios), 3),
+                     "server_vs_engine_rounds": [round(v, 3) for v in ratios],
                      "engine_runs": [round(v, 1) for v in runs[c]["engine"]],
                      "server_runs": [round(r["tok_per_s"], 1) for r in runs[c]["server"]],
                      "ttft_p50_s": round(pct(ttft, 0.5), 4), "ttft_p99_s": round(pct(ttft, 0.99), 4),
@@ -151,13 +160,15 @@ def main() -> None:
               "new_tokens": args.new_tokens, "rounds": args.rounds,
               "definition": "c streamed /v1/completions requests from a separate client process "
               "over loopback vs one LLM.generate call over the same kind of prompts; output "
-              "tokens / wall time, median of alternating rounds; TTFT and chunk gaps measured "
+              "tokens / wall time, medians over rounds; server_vs_engine is the median of each round's "
+              "own ratio (both sides back to back, order alternating by round); TTFT and chunk gaps measured "
               "by the client", "machine": machine_info(), "results": rows}
-    lines = ["| concurrency | engine tok/s | server tok/s | server / engine | TTFT p50 / p99 (s) | "
-             "ITL p50 / p99 (ms) |", "|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| concurrency | engine tok/s | server tok/s | server / engine (rounds' range) | "
+             "TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |", "|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['concurrency']} | {r['engine_tok_per_s']} | {r['server_tok_per_s']} | "
-                     f"{r['server_vs_engine']:.2f}x | {r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | "
+                     f"{r['server_vs_engine']:.2f}x ({min(r['server_vs_engine_rounds']):.2f}-"
+                     f"{max(r['server_vs_engine_rounds']):.2f}) | {r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | "
                      f"{1000 * r['itl_p50_s']:.0f} / {1000 * r['itl_p99_s']:.0f} |")
     write_report(report, args.out, f"serve-{args.quant}", "\n".join(lines))
 
