@@ -1,4 +1,4 @@
-"""What a loaded model holds: each module's format and weight bytes."""
+"""What a loaded model holds: each module's format and weight bytes, and which kernels serve it."""
 
 from __future__ import annotations
 
@@ -53,3 +53,28 @@ def collapse_layers(rows: list[ModuleWeights]) -> list[tuple[str, str, int, int]
     for r in rows:
         groups[(re.sub(r"^layers\.\d+\.", "layers.*.", r.name), r.format)].append(r.nbytes)
     return [(name, fmt, len(b), sum(b)) for (name, fmt), b in groups.items()]
+
+
+KERNEL_ROWS = (1, 16, 512)  # a decode step of 1 and of 16 sequences, a prefill chunk
+
+
+def kernel_report(model: LlamaModel) -> dict:
+    """Which kernels a prepared model runs: whether a decode step is one fused native call (and
+    with which activations), and per group of like layers the path a call of 1, 16 and 512
+    rows takes (`kernel_path`; the fused step uses the native layout of the same weights)."""
+    if model.native_decode is None:
+        step = "per layer"
+    else:
+        acts = "int8" if model.native_decode_act8 else "fp32"
+        step = f"fused native ({acts} activations)"
+        if model.native_logits is not None and model.native_decode_act8:
+            step += ", int8 lm_head on int8 activations"
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for name, lin in model.quant_linears().items():
+        path = getattr(lin.method, "kernel_path", None)
+        paths = tuple(path(m) if path else type(lin.method).__name__ for m in KERNEL_ROWS)
+        groups[(re.sub(r"^layers\.\d+\.", "layers.*.", name), str(lin.spec), paths)].append(name)
+    return {"decode_step": step,
+            "layers": [{"modules": pattern, "format": fmt, "count": len(names),
+                        **{f"rows_{m}": p for m, p in zip(KERNEL_ROWS, paths, strict=True)}}
+                       for (pattern, fmt, paths), names in groups.items()]}

@@ -55,10 +55,11 @@ weights, so a 512-row prefill chunk costs about 512 single-row calls. Past some 
 faster to dequantize the layer per call into an fp32 scratch buffer (shared by all layers of
 a shape, so no weight copy stays resident) and run one fp32 GEMM that reuses each weight
 across rows. Where that crossover lies depends on the CPU, so prepare measures both paths at
-M = 64, 128, 256 and 512 on the layer's shape (once per shape per process; NIBBLE_TUNE=0
-skips it) and records the smallest M from which the dense path wins. Measured on a 2-core
-AVX2 EPYC, 576x1536, int4 g64: fused 2.4 / 4.8 / 9.4 / 18.6 ms vs dense 2.3 / 3.0 / 4.6 /
-8.1 ms at M = 64 / 128 / 256 / 512. The two paths round differently, so a row's result then
+M = 64, 128, 256 and 512 on the layer's shape and records the smallest M from which the dense
+path wins: once per shape per machine, stored for later processes (kernels/tuning_cache.py;
+NIBBLE_RETUNE=1 measures again, NIBBLE_TUNE=0 times nothing and keeps the fused path).
+Measured on a 2-core AVX2 EPYC, 576x1536, int4 g64: fused 2.4 / 4.8 / 9.4 / 18.6 ms vs dense
+2.3 / 3.0 / 4.6 / 8.1 ms at M = 64 / 128 / 256 / 512. The two paths round differently, so a row's result then
 depends on how many rows share its call: prepare(batch_invariant=True) keeps the fused op
 for every M (its rows are bitwise independent of the batch).
 """
@@ -69,10 +70,12 @@ import functools
 import logging
 import math
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,7 +83,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import native as native_kernels
-from kernels import reference
+from kernels import reference, tuning_cache
 
 log = logging.getLogger("nibble.kernels")
 
@@ -173,8 +176,9 @@ def _median_seconds(fn: Callable[[Tensor], Tensor], x: Tensor, reps: int = 3) ->
     return statistics.median(times)
 
 
-# What load-time timing decided, per layer shape, dtype and thread count: measured once.
-_MEASURED: dict[tuple, int | None] = {}
+# What load-time timing decided in this process, by choice key (see _choice): the value and
+# where it came from ("measured" now, or "cached" in the machine's file).
+_MEASURED: dict[str, tuple[Any, str]] = {}
 
 
 def _timing_off(batch_invariant: bool) -> bool:
@@ -183,8 +187,40 @@ def _timing_off(batch_invariant: bool) -> bool:
     return batch_invariant or os.environ.get("NIBBLE_TUNE") == "0"
 
 
-def _describe(key: tuple) -> str:
-    return "x".join(str(k).removeprefix("torch.") for k in key)
+def cache_path() -> Path:
+    """This CPU's file of measured choices (kernels/tuning_cache.py): one per CPU model and
+    instruction set PyTorch uses on it."""
+    model = native_kernels.cpuinfo("model name") or platform.processor() or platform.machine()
+    return tuning_cache.file_for(f"cpu-{model}-{torch.backends.cpu.get_cpu_capability()}")
+
+
+def _choice(key: tuple, measure: Callable[[], Any], describe: Callable[[Any], str],
+            valid: Callable[[Any], bool]) -> Any:
+    """The choice for `key` (a layer shape and path family): decided earlier in this process,
+    stored for this machine, or measured now and stored (NIBBLE_RETUNE=1: always measured).
+    The stored key adds the PyTorch version and the thread count, which change timings;
+    `measure()` returns a JSON value, and a stored value that fails `valid` is measured again."""
+    text = "/".join([f"torch{torch.__version__}",
+                     *(str(k).removeprefix("torch.") for k in key),
+                     f"threads{torch.get_num_threads()}"])
+    if text not in _MEASURED:
+        path = cache_path()
+        stored = {} if tuning_cache.retune() else tuning_cache.read(path)
+        if text in stored and valid(stored[text]):
+            _MEASURED[text] = stored[text], "cached"
+        else:
+            _MEASURED[text] = measure(), "measured"
+            tuning_cache.store(path, text, _MEASURED[text][0])
+        log.info("cpu dispatch %s: %s (%s)", text, describe(_MEASURED[text][0]),
+                 _MEASURED[text][1] if _MEASURED[text][1] == "measured" else f"stored in {path}")
+    return _MEASURED[text][0]
+
+
+def choices() -> list[dict]:
+    """What this process's load-time dispatch decided: one entry per layer shape and path
+    family, with the value and whether it was measured now or read from the machine's file."""
+    return [{"key": key, "value": value, "source": source}
+            for key, (value, source) in sorted(_MEASURED.items())]
 
 
 def _dense_from(key: tuple, fused: Callable[[Tensor], Tensor], dense: Callable[[Tensor], Tensor],
@@ -193,18 +229,18 @@ def _dense_from(key: tuple, fused: Callable[[Tensor], Tensor], dense: Callable[[
     None (also when timing is off)."""
     if _timing_off(batch_invariant):
         return None
-    key = (*key, torch.get_num_threads())
-    if key not in _MEASURED:
+
+    def measure() -> int | None:
         start = None
         for M in reversed(DENSE_PROBE_M):
             x = torch.randn(M, K).to(act_dtype)
             if _median_seconds(dense, x) >= _median_seconds(fused, x):
                 break
             start = M
-        _MEASURED[key] = start
-        where = f"dequantize + fp32 GEMM from M {start}" if start else "fused at every M"
-        log.info("cpu dispatch %s: %s", _describe(key[:-1]), where)
-    return _MEASURED[key]
+        return start
+
+    return _choice(key, measure, lambda start: f"dequantize + fp32 GEMM from M {start}"
+                   if start else "fused at every M", lambda v: v is None or v in DENSE_PROBE_M)
 
 
 def fp16_gemm_prepare(weight: Tensor, batch_invariant: bool = False) -> Any | None:
@@ -219,20 +255,27 @@ def fp16_gemm_prepare(weight: Tensor, batch_invariant: bool = False) -> Any | No
             or weight.dtype not in (torch.bfloat16, torch.float16):
         return None
     N, K = weight.shape
-    key = ("fp16-gemm", K, N, weight.dtype, torch.get_num_threads())
-    if _MEASURED.get(key, 1) is None:  # measured before: F.linear wins
-        return None
-    packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
-    if key not in _MEASURED:
+    packed = None
+
+    def measure() -> dict:
+        nonlocal packed
+        packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
         gains = []
         for M in (1, 16):
             x = torch.randn(M, K).to(weight.dtype)
-            gains.append(_median_seconds(lambda x: F.linear(x, weight), x, reps=5)
-                         / _median_seconds(lambda x: fp16_gemm(x, packed), x, reps=5))
-        _MEASURED[key] = 1 if gains[0] >= 0.9 and gains[1] >= 1.25 else None
-        log.info("cpu dispatch %s: %s (%.1fx at 1 row, %.1fx at 16)", _describe(key[1:-1]),
-                 "fbgemm fp16 GEMM" if _MEASURED[key] else "F.linear", *gains)
-    return packed if _MEASURED[key] else None
+            gains.append(round(_median_seconds(lambda x: F.linear(x, weight), x, reps=5)
+                               / _median_seconds(lambda x: fp16_gemm(x, packed), x, reps=5), 3))
+        return {"fbgemm": gains[0] >= 0.9 and gains[1] >= 1.25, "gains_m1_m16": gains}
+
+    won = _choice(("fp16-gemm", K, N, weight.dtype), measure,
+                  lambda v: f"{'fbgemm fp16 GEMM' if v['fbgemm'] else 'F.linear'} "
+                  f"({v['gains_m1_m16'][0]:.1f}x at 1 row, {v['gains_m1_m16'][1]:.1f}x at 16)",
+                  lambda v: isinstance(v, dict) and isinstance(v.get("fbgemm"), bool)
+                  and isinstance(v.get("gains_m1_m16"), list) and len(v["gains_m1_m16"]) == 2)
+    if not won["fbgemm"]:
+        return None
+    return packed if packed is not None else \
+        torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
 
 
 def fp16_gemm(x: Tensor, packed: Any, bias: Tensor | None = None) -> Tensor:
@@ -349,7 +392,7 @@ def _int4_native_prepare(q: Tensor, scales: Tensor, zeros: Tensor, group_size: i
                           "group_size": kg, "N": N, "dense_from": None,
                           "act": torch.empty(0, dtype=act_dtype)}  # the activations' dtype
     prepared["dense_from"] = _dense_from(
-        ("int4-native", K, N, kg, act_dtype), lambda x: _int4_native(x, prepared),
+        ("int4-native", native_kernels.source_digest(), K, N, kg, act_dtype), lambda x: _int4_native(x, prepared),
         lambda x: _dense_rows(x, _int4_native_dense_t(prepared), N), K, act_dtype,
         batch_invariant)
     return prepared

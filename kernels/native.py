@@ -18,6 +18,7 @@ compiler's complaint). Callers then keep PyTorch's own ops, which are always cor
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -60,6 +61,16 @@ def supported() -> str | None:
     if missing:
         return f"the CPU lacks {', '.join(sorted(missing))}"
     return None
+
+
+@functools.cache
+def source_digest() -> str:
+    """A short hash of the kernels' sources: stored timings of these kernels (kernels.cpu)
+    name it, so a changed kernel is measured again."""
+    h = hashlib.sha256()
+    for path in sorted(SOURCES[0].parent.iterdir()):  # the headers too
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def build_directory() -> Path | None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from engine.llm import LLM
 from engine.llm_engine import EngineStats
-from engine.report import total_bytes
+from engine.report import kernel_report, total_bytes
 from engine.sampling_params import SamplingParams
 from engine.sequence import RequestOutput
 from server.protocol import APIError, Limits
@@ -61,6 +61,14 @@ class Variant:
     @functools.cached_property
     def weight_bytes(self) -> int:  # walks every module: once
         return total_bytes(self.llm.model)
+
+    @functools.cached_property
+    def kernels(self) -> dict:
+        """Which kernels serve it (engine.report.kernel_report) and what the process's CPU
+        dispatch chose at load (kernels.cpu.choices); fixed once every variant is loaded."""
+        from kernels import cpu
+
+        return {**kernel_report(self.llm.model), "cpu_dispatch": cpu.choices()}
 
     @property
     def max_running(self) -> int:

@@ -47,6 +47,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    "int8 per block of 32 and multiplies in integers (default int8, about 2x the "
                    "GEMM speed), or keeps it fp32")
     g.add_argument("--seed", type=int, help="global random seed (default 0)")
+    _retune_arg(g)
+
+
+RETUNE_HELP = ("time the kernel candidates again instead of reading this machine's stored "
+               "choices, and store the new ones (the same as NIBBLE_RETUNE=1; the choices live "
+               "in $NIBBLE_CACHE/tuning/, ~/.cache/nibble/tuning/ by default)")
+
+
+def _retune_arg(g) -> None:
+    g.add_argument("--retune", action="store_true", help=RETUNE_HELP)
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float, top_p: float = 1.0) -> None:
@@ -133,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 SERVE_DESCRIPTION = """\
 Serve the OpenAI API (POST /v1/completions, /v1/chat/completions, /tokenize, /detokenize;
-GET /v1/models, /health, /metrics; POST /v1/compare for a small A/B job) on HOST:PORT. The server listens at once; /health answers
+GET /v1/models, /tokenizer_info, /health, /metrics; POST /v1/compare for a small A/B job) on HOST:PORT. The server listens at once; /health answers
 503 while the model loads, 200 when ready. With --variants it loads several variants of one
 model into one process and serves them as MODEL:VARIANT (the bare name is the first), for
 A/B comparisons. SIGTERM or Ctrl-C drains: /health turns 503, new requests are refused with
@@ -225,6 +235,7 @@ def _compare_parser(sub) -> None:
                    "it (default int4)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    _retune_arg(g)
     t = cmp.add_argument_group("measurements")
     t.add_argument("--corpus", default="builtin", metavar="FILE|builtin", help="UTF-8 text for the "
                    "teacher-forced part (default: CPython's pydoc_data.topics)")
@@ -396,8 +407,15 @@ def _show_engine_log() -> None:
         logger.setLevel(logging.INFO)
 
 
+def apply_environment(args: argparse.Namespace) -> None:
+    """Flags that act through the environment, read where kernels are prepared."""
+    if getattr(args, "retune", False):
+        os.environ["NIBBLE_RETUNE"] = "1"  # kernels/tuning_cache.py
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    apply_environment(args)
     _show_engine_log()
     from server import commands
 

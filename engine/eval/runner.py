@@ -21,7 +21,7 @@ from engine.eval.plot import PlotData
 from engine.eval.texts import BUILTIN, corpus_chunks, corpus_text, load_prompts
 from engine.machine import machine_info
 from engine.progress import counter
-from engine.report import total_bytes
+from engine.report import kernel_report, total_bytes
 from engine.sampling_params import SamplingParams
 
 SCHEMA = "nibble.compare/1"
@@ -98,9 +98,15 @@ def _name(prompts: str | list[str]) -> str:
 # The report's sections, shared with the server's POST /v1/compare.
 
 def side(loaded, label: str, weight_bytes: int) -> dict:
-    """One side of a report; `loaded` is the LLM's engine.build.Loaded."""
+    """One side of a report; `loaded` is the LLM's engine.build.Loaded. `kernels` says which
+    kernels computed its numbers (engine.report.kernel_report), and `cpu_dispatch` what the
+    process's load-time CPU dispatch chose and whether it read the choice from the machine's
+    stored ones (kernels.cpu.choices): two processes that agree there compute alike."""
+    from kernels import cpu
+
     return {"label": label, "model": loaded.source.name, "policy": loaded.policy.describe(),
-            "weight_bytes": weight_bytes}
+            "weight_bytes": weight_bytes, "kernels": kernel_report(loaded.model),
+            "cpu_dispatch": cpu.choices()}
 
 
 def teacher_forced_section(corpus: str, ctx: int, per_chunk: list[stats.TokenStats]) -> dict:
@@ -159,6 +165,14 @@ def format_table(report: dict) -> str:
                   f"  identical outputs {100 * f['exact_match_rate']:.1f} %   token agreement "
                   f"{100 * f['token_agreement']:.1f} %   median first divergence "
                   + (f"at token {med}" if med is not None else "not reached (most outputs agree)")]
+    if "kernels" in report["a"] and "kernels" in report["b"]:
+        lines += [f"kernels: A {report['a']['kernels']['decode_step']}; B "
+                  f"{report['b']['kernels']['decode_step']} (per layer and batch size in the JSON)"]
+    if dispatch := report["b"].get("cpu_dispatch"):
+        stored = sum(c["source"] == "cached" for c in dispatch)
+        lines += [f"  CPU dispatch: {len(dispatch)} choices, {stored} read from this machine's "
+                  f"stored ones, {len(dispatch) - stored} measured now (NIBBLE_RETUNE=1 measures "
+                  "all again)"]
     if c := report.get("cost"):
         lines += [f"cost (decode {c['decode_tokens']} tokens, median of {c['rounds']}, alternating):",
                   f"  decode tok/s     A {c['a_decode_tok_s']:.1f}   B {c['b_decode_tok_s']:.1f}   "

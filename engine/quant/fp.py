@@ -48,5 +48,9 @@ class FloatMethod(StoredMethod):
             return cpu.fp16_gemm(x, self._fp16_gemm, bias)
         return F.linear(x, self.weight, bias)
 
+    def kernel_path(self, M: int) -> str:
+        """Which kernel serves a call (the same at every M): "fbgemm-fp16" or "F.linear"."""
+        return "F.linear" if getattr(self, "_fp16_gemm", None) is None else "fbgemm-fp16"
+
     def dequantize(self) -> Tensor:
         return self.require_stored()["weight"].float()

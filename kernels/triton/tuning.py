@@ -3,7 +3,8 @@
 For every M bucket (1, 2, 4, ..., 256) the tuner times each candidate launch of the fused
 kernel and the dequantize-then-torch.matmul path on the real weights, keeps the fastest, and
 caches the choice in $NIBBLE_CACHE/tuning/<gpu name>.json (the Triton version is part of each
-key), so later starts read it instead of measuring. The plan is a tuple with one KernelConfig
+key; kernels/tuning_cache.py), so later starts read it instead of measuring, and
+NIBBLE_RETUNE=1 measures again. The plan is a tuple with one KernelConfig
 per bucket; a call with M rows takes the first bucket >= M (the last one beyond 256).
 
 Under TRITON_INTERPRET=1 (CPU, tests) or with NIBBLE_TUNE=0 nothing is timed: the fixed
@@ -12,10 +13,8 @@ DEFAULT_PLAN serves, labelled "untuned" in the log line.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 import triton
 from torch import Tensor
 
+from kernels import tuning_cache
 from kernels.triton import qgemm
 from kernels.triton.qgemm import KernelConfig
 
@@ -84,10 +84,7 @@ def gpu_timer(fn: Callable[[], object]) -> float:
 
 
 def cache_path(device: torch.device) -> Path:
-    root = os.environ.get("NIBBLE_CACHE") or Path(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nibble"
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", torch.cuda.get_device_name(device))
-    return Path(root).expanduser() / "tuning" / f"{name}.json"
+    return tuning_cache.file_for(torch.cuda.get_device_name(device))
 
 
 def shape_key(fmt: str, K: int, N: int, group_size: int | None, dtype: torch.dtype) -> str:
@@ -118,20 +115,6 @@ def measure_plan(run: Callable[[Tensor, KernelConfig], Tensor], K: int, dtype: t
     return rows
 
 
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    tmp.replace(path)
-
-
 # Plans already decided in this process, by (shape key, cache file or "untuned"): a model has
 # a few distinct shapes over many layers, and each is looked up and logged once.
 _MEMO: dict[tuple[str, str], tuple[KernelConfig, ...]] = {}
@@ -152,13 +135,13 @@ def plan_for(key: str, run: Callable[[Tensor, KernelConfig], Tensor], K: int,
     path = path or cache_path(device)
     if (key, str(path)) in _MEMO:
         return _MEMO[key, str(path)]
-    cached = _read(path)
+    cached = {} if tuning_cache.retune() else tuning_cache.read(path)
     if key in cached:
         rows, source = cached[key], f"cached in {path}"
     else:
         log.info("tuning %s for batch sizes %s ...", key, ",".join(map(str, M_BUCKETS)))
         rows, source = measure_plan(run, K, dtype, device, timer, packed), "measured"
-        _write(path, {**_read(path), key: rows})
+        tuning_cache.store(path, key, rows)
     plan = _MEMO[key, str(path)] = tuple(KernelConfig(**row["config"]) for row in rows)
     _log_plan(key, plan, source)
     return plan
@@ -166,7 +149,7 @@ def plan_for(key: str, run: Callable[[Tensor, KernelConfig], Tensor], K: int,
 
 def measurements(key: str, device: torch.device) -> list[dict] | None:
     """The tuner's rows for a shape key as cached for this GPU (None where it was not tuned)."""
-    return _read(cache_path(device)).get(key)
+    return tuning_cache.read(cache_path(device)).get(key)
 
 
 def _log_plan(key: str, plan: tuple[KernelConfig, ...], source: str) -> None:

@@ -20,7 +20,8 @@ CI = ("value", "ci95")
 def _check_schema(report: dict) -> None:
     assert report["schema"] == "nibble.compare/1"
     for side in ("a", "b"):
-        assert set(report[side]) >= {"label", "model", "policy", "weight_bytes"}
+        assert set(report[side]) >= {"label", "model", "policy", "weight_bytes", "kernels",
+                                     "cpu_dispatch"}
         assert report[side]["weight_bytes"] > 0
     t = report["teacher_forced"]
     assert t["scored_tokens"] == t["chunks"] * (t["ctx"] // 2)
@@ -93,6 +94,11 @@ def test_compare_command_writes_report_and_png(tmp_path, capsys):
     assert report["a"]["label"] == "int8" and report["b"]["label"] == "int4"
     assert report["teacher_forced"]["kld"]["mean"] > 0
     assert report["free_running"]["prompts"] == 2 and report["cost"] is None
+    # which kernels computed each side's numbers
+    assert {g["format"] for g in report["a"]["kernels"]["layers"]} >= {"int8"}
+    assert {g["format"] for g in report["b"]["kernels"]["layers"]} >= {"int4"}
+    assert f"kernels: A {report['a']['kernels']['decode_step']}" in printed.out
+    assert isinstance(report["b"]["cpu_dispatch"], list)
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

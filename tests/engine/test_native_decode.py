@@ -65,9 +65,12 @@ def test_pure_decode_steps_run_fused_and_agree_with_the_eager_layers(mode, rules
 
 
 def test_batch_invariant_keeps_the_eager_layers():
+    from engine.report import kernel_report
+
     llm = LLM("smollm2-135m", quant="int4", progress=False, max_model_len=256,
               batch_invariant=True)
     assert llm.model.native_decode is None
+    assert kernel_report(llm.model)["decode_step"] == "per layer"
 
 
 def test_layers_the_fused_step_cannot_run_keep_the_eager_path():

@@ -73,10 +73,15 @@ def assert_within_bound(y, y_ref, x, A, bias=None, roundings: int = 2):
 def script_cpu_clock(monkeypatch, through: str, wins) -> tuple[list, list]:
     """Makes kernels.cpu's load-time timings scripted: a timed call that goes through
     cpu.<through> takes 1 s where wins(M) and 2 s elsewhere, any other call the opposite.
-    Returns (every (M, went through) timed, calls through it since the last timing)."""
+    Returns (every (M, went through) timed, calls through it since the last timing). Choices
+    are stored in a fresh directory (not the machine's file), read back by later calls."""
+    import tempfile
+
     from kernels import cpu
 
     monkeypatch.delenv("NIBBLE_TUNE", raising=False)
+    monkeypatch.delenv("NIBBLE_RETUNE", raising=False)
+    monkeypatch.setenv("NIBBLE_CACHE", tempfile.mkdtemp(prefix="nibble-tuning-"))
     monkeypatch.setattr(cpu, "_MEASURED", {})
     calls, timed = [], []
     real = getattr(cpu, through)

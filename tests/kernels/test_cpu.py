@@ -369,6 +369,36 @@ def test_dense_crossover_is_measured_once_per_shape(monkeypatch, caplog, native_
                             torch.ones(64))["dense_from"] is None
 
 
+def test_measured_choices_are_stored_and_reused_by_later_processes(monkeypatch):
+    """The first process measures and stores; a later one (nothing in memory) reads the stored
+    choice without timing anything, so both run the same kernels; NIBBLE_RETUNE=1 measures
+    again and replaces what is stored."""
+    import json
+
+    timed, _ = script_cpu_clock(monkeypatch, "_dense_rows", lambda M: M >= 128)
+    t = quantize("int4", weights(64, 256, 1), 64)
+
+    def prepare():
+        return cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256, native=False)
+
+    assert prepare()["dense_from"] == 128 and timed
+    stored = json.loads(cpu.cache_path().read_text())
+    assert list(stored.values()) == [128]
+    assert cpu.choices() == [{"key": next(iter(stored)), "value": 128, "source": "measured"}]
+
+    monkeypatch.setattr(cpu, "_MEASURED", {})  # a new process
+    timed.clear()
+    assert prepare()["dense_from"] == 128 and not timed
+    assert [c["source"] for c in cpu.choices()] == ["cached"]
+
+    monkeypatch.setattr(cpu, "_MEASURED", {})
+    monkeypatch.setenv("NIBBLE_RETUNE", "1")
+    monkeypatch.setattr(cpu, "_median_seconds", lambda fn, x, reps=3: 1.0)  # dense never wins
+    assert prepare()["dense_from"] is None
+    assert list(json.loads(cpu.cache_path().read_text()).values()) == [None]
+    assert [c["source"] for c in cpu.choices()] == ["measured"]
+
+
 def _fp16_gemm_wins(monkeypatch):
     """A scripted clock on which fbgemm's fp16 GEMM beats F.linear."""
     script_cpu_clock(monkeypatch, "fp16_gemm", lambda M: True)

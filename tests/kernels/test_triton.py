@@ -179,15 +179,16 @@ def test_bucket_index():
         == [1, 2, 4, 16, 32, 256, 256, 256]
 
 
-def test_tuner_picks_the_fastest_path_per_bucket_and_caches_it(tmp_path, caplog):
-    """A scripted timer: the fused split-k kernel wins up to M = 16, dequant-matmul beyond."""
-    timed = []
+def test_tuner_picks_the_fastest_path_per_bucket_and_caches_it(tmp_path, caplog, monkeypatch):
+    """A scripted timer: the fused split-k kernel wins up to M = 16, dequant-matmul beyond
+    (later: everywhere)."""
+    timed, dense_everywhere = [], []
 
     def timer(fn):
         fn()
         cfg, M = timed[-1]
         fused_small = cfg.split_k == 4 and cfg.block_n == 64 and cfg.block_k == 64
-        if M <= 16:
+        if M <= 16 and not dense_everywhere:
             return 1.0 if fused_small else 2.0
         return 1.0 if cfg.dense else 3.0
 
@@ -209,6 +210,16 @@ def test_tuner_picks_the_fastest_path_per_bucket_and_caches_it(tmp_path, caplog)
         raise AssertionError("a cached plan must not be measured again")
 
     tuning._MEMO.clear()  # as in a new process: the plan must come from the file
+    assert tuning.plan_for("k", run, 64, torch.bfloat16, torch.device("cpu"), no_timer,
+                           path) == plan
+
+    tuning._MEMO.clear()  # NIBBLE_RETUNE=1: measured again, and the file holds the new plan
+    monkeypatch.setenv("NIBBLE_RETUNE", "1")
+    dense_everywhere.append(True)
+    plan = tuning.plan_for("k", run, 64, torch.bfloat16, torch.device("cpu"), timer, path)
+    assert [c.label for c in plan] == ["dequant-matmul"] * 9
+    monkeypatch.delenv("NIBBLE_RETUNE")
+    tuning._MEMO.clear()
     assert tuning.plan_for("k", run, 64, torch.bfloat16, torch.device("cpu"), no_timer,
                            path) == plan
     del w

@@ -76,6 +76,18 @@ def test_variants_from_a_config_file(tmp_path):
     assert engine_config(fp32).decode_activations == "fp32"
 
 
+@pytest.mark.parametrize("command", ["serve", "compare", "generate"])
+def test_retune_flag_makes_the_kernels_measure_again(monkeypatch, command):
+    from kernels import tuning_cache
+    from server.cli import apply_environment, build_parser
+
+    monkeypatch.delenv("NIBBLE_RETUNE", raising=False)
+    apply_environment(build_parser().parse_args([command]))
+    assert not tuning_cache.retune()
+    apply_environment(build_parser().parse_args([command, "--retune"]))
+    assert tuning_cache.retune()
+
+
 class Process:
     """`nibble serve` in a subprocess; its stderr lines are collected as they come."""
 
