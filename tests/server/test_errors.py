@@ -107,6 +107,9 @@ CASES = [
     # streaming options and unsupported features
     ("stream-string", C, comp(stream="yes"), 400, "stream"),
     ("stream-options-without-stream", CHAT, chat(stream_options={"include_usage": True}), 400, "stream_options"),
+    ("stream-options-without-stream-completions", C, comp(stream_options={"include_usage": True}), 400, "stream_options"),
+    ("stream-options-stream-false", C, comp(stream=False, stream_options={"include_usage": False}), 400, "stream_options"),
+    ("stream-options-stream-false-chat", CHAT, chat(stream=False, stream_options={}), 400, "stream_options"),
     ("stream-options-bad-usage", C, comp(stream=True, stream_options={"include_usage": "y"}), 400, "stream_options"),
     ("tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
     ("response-format-json-schema", CHAT, chat(response_format={"type": "json_schema"}), 400, "response_format"),
@@ -155,6 +158,16 @@ def test_other_bad_requests(live):
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
     r = live.http.post("/tokenize", json={"text": "hi"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_stream_options_null_is_no_options(live):
+    """Only stream_options that are there are refused without stream: true; null is absent."""
+    for path, body in ((C, comp(max_tokens=2)), (CHAT, chat(max_tokens=2))):
+        r = live.http.post(path, json={**body, "stream_options": None})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0, r.text
+        r = live.http.post(path, json={**body, "stream": True, "stream_options": None})
+        assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]"), r.text
+        assert '"usage"' not in r.text  # no options: no usage chunk
 
 
 def test_still_serves_after_the_matrix(live):
