@@ -61,8 +61,41 @@ def eos_ids(tokenizer, config_eos: tuple[int, ...]) -> set[int]:
     return ids
 
 
+def chat_template(tokenizer) -> str | None:
+    """The Jinja template `apply_chat_template` renders, or None when the model has none.
+
+    A tokenizer may carry several named templates (a dict); without a name, transformers uses
+    the one called "default", so that is the one meant here.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template if isinstance(template, str) and template.strip() else None
+
+
 def apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:
-    if not getattr(tokenizer, "chat_template", None):
+    template = chat_template(tokenizer)
+    if template is None:
         raise CheckpointError("this model has no chat template; use generate with a plain prompt")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, chat_template=template,
+                                         add_generation_prompt=True, tokenize=False)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+SPECIAL_TOKENS = ("eos", "bos", "pad", "unk")
+
+
+def tokenizer_info(tokenizer) -> dict:
+    """What a client needs to tokenize and template like the server does, as plain JSON values:
+    each special token's text and id (None where the tokenizer has none), the chat template,
+    the number of token ids (added tokens included) and the tokenizer's class."""
+    info: dict = {}
+    for name in SPECIAL_TOKENS:
+        text = getattr(tokenizer, f"{name}_token", None)
+        tid = getattr(tokenizer, f"{name}_token_id", None) if text is not None else None
+        info[f"{name}_token"] = None if text is None else str(text)
+        info[f"{name}_token_id"] = tid if isinstance(tid, int) and not isinstance(tid, bool) else None
+    info["chat_template"] = chat_template(tokenizer)
+    info["vocab_size"] = len(tokenizer)
+    info["tokenizer_class"] = type(tokenizer).__name__
+    return info

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.tokenizer import apply_chat_template
+from engine.tokenizer import apply_chat_template, tokenizer_info
 from server.async_engine import EngineDeadError, Stream, Variant
 from server.protocol import (
     APIError,
@@ -50,6 +50,7 @@ class Routes:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_get("/tokenizer_info", self.tokenizer_info)
         app.router.add_post("/v1/compare", self.compare)
 
     # ---------------------------------------------------------------- plumbing
@@ -205,6 +206,14 @@ class Routes:
         text = await self._off_loop(v.tokenizer.decode, tokens)
         return web.json_response({"prompt": text})
 
+    async def tokenizer_info(self, request: web.Request) -> web.Response:
+        """The variant's special tokens, chat template and context length, so that a client
+        can tokenize and template with nothing but the server's URL (lm-eval's remote
+        tokenizer reads this, then calls /tokenize and /detokenize). `?model=` picks the
+        variant, the first by default."""
+        v = self._variant(request.query.get("model"))
+        return web.json_response({"model": v.name, **tokenizer_info(v.tokenizer),
+                                  "model_max_length": v.limits.max_model_len}, dumps=_dumps)
 
     async def compare(self, request: web.Request) -> web.Response:
         """A small A/B job between two loaded variants (default: the shadow reference or the

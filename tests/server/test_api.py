@@ -1,9 +1,11 @@
 """The official openai client against a live server: chat and completions, streaming and
-not, n > 1, logprobs, echo, stop, usage; /tokenize, /detokenize, /v1/models, /health."""
+not, n > 1, logprobs, echo, stop, usage; /tokenize, /detokenize, /tokenizer_info,
+/v1/models, /health."""
 
 from __future__ import annotations
 
 import math
+from urllib.parse import quote
 
 import pytest
 import torch
@@ -126,6 +128,37 @@ def test_tokenize_detokenize_round_trip(live, llm):
     tok = live.http.post("/tokenize", json={"prompt": text}).json()
     assert tok["tokens"] == llm.tokenizer.encode(text) and tok["count"] == len(tok["tokens"])
     assert live.http.post("/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == text
+
+
+def test_tokenizer_info_describes_the_served_tokenizer(live, llm):
+    """GET /tokenizer_info: what a client needs to tokenize and template as the server does."""
+    tok = llm.tokenizer
+    r = live.http.get("/tokenizer_info")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    info = r.json()
+    assert info["model"] == "smollm2-135m:int4" and info["model_max_length"] == 2048
+    assert info["vocab_size"] == len(tok) == 49152
+    assert info["tokenizer_class"] == type(tok).__name__
+    assert info["chat_template"] == tok.chat_template and "<|im_start|>" in info["chat_template"]
+    assert (info["eos_token"], info["bos_token"]) == ("<|im_end|>", "<|im_start|>")
+    for name in ("eos", "bos", "pad", "unk"):
+        text, tid = info[f"{name}_token"], info[f"{name}_token_id"]
+        assert (text, tid) == (getattr(tok, f"{name}_token"), getattr(tok, f"{name}_token_id"))
+        # a client that only has the text finds the id through /tokenize, as lm-eval does
+        r = live.http.post("/tokenize", json={"prompt": text, "add_special_tokens": False})
+        assert r.json()["tokens"] == [tid]
+
+
+def test_tokenizer_info_picks_the_variant_by_model(live):
+    info = live.http.get("/tokenizer_info").json()
+    for name in ("smollm2-135m", "smollm2-135m:int4", ""):
+        assert live.http.get(f"/tokenizer_info?model={quote(name)}").json() == info
+    r = live.http.get("/tokenizer_info?model=gpt-5")
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert err["param"] == "model" and err["code"] == "model_not_found"
+    # the same body as any other endpoint's for that model
+    assert r.json() == live.http.post("/v1/completions", json={"model": "gpt-5", "prompt": "x"}).json()
 
 
 def test_special_token_text_and_lone_surrogates_are_served(live):
