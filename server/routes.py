@@ -176,7 +176,8 @@ class Routes:
     def _model_card(self, v: Variant) -> dict:
         return {"id": v.name, "object": "model", "created": self.state.created,
                 "owned_by": "nibble", "root": v.model, "quantization": v.quantization,
-                "weight_bytes": v.weight_bytes, "max_model_len": v.limits.max_model_len}
+                "weight_bytes": v.weight_bytes, "max_model_len": v.limits.max_model_len,
+                "kernels": v.kernels}
 
     async def health(self, request: web.Request) -> web.Response:
         phase = self.state.phase

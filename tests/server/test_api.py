@@ -25,6 +25,13 @@ def test_models_lists_the_variant_with_quantization_and_bytes(client, llm):
 
     assert card["weight_bytes"] == sum(r.nbytes for r in module_weights(llm.model)) > 50e6
     assert client.models.retrieve("smollm2-135m:int4").id == "smollm2-135m:int4"
+    # which kernels serve it: every linear layer in one of the groups, each group with the
+    # path a decode step and a prefill chunk take, and the process's CPU dispatch choices
+    kernels = card["kernels"]
+    assert sum(g["count"] for g in kernels["layers"]) == len(llm.model.quant_linears())
+    assert {g["modules"] for g in kernels["layers"]} >= {"layers.*.mlp.down_proj", "lm_head"}
+    assert all(g["rows_1"] and g["rows_512"] for g in kernels["layers"])
+    assert kernels["decode_step"] and isinstance(kernels["cpu_dispatch"], list)
 
 
 def test_health_is_ok_when_ready(live):
