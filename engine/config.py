@@ -248,12 +248,14 @@ class EngineConfig:
                 )
         values = dict(data)
         if "rules" in values:
-            values["rules"] = tuple(_rules_from_config(values["rules"]))
+            values["rules"] = tuple(rules_from_config(values["rules"]))
         return cls(**values)
 
 
-def _rules_from_config(rules: Any) -> list[str]:
-    """Rules in a file are either a list of 'REGEX=FORMAT' or a table {REGEX = FORMAT}."""
+def rules_from_config(rules: Any) -> list[str]:
+    """Rules in a file are either a list of 'REGEX=FORMAT' or a table {REGEX = FORMAT}; anything
+    else (a bare string, a number, false) is an error. The command line puts its --rule flags
+    before these (the first match wins, so a flag overrides the file)."""
     if isinstance(rules, dict):
         return [f"{k}={v}" for k, v in rules.items()]
     if isinstance(rules, list) and all(isinstance(r, str) for r in rules):

@@ -34,8 +34,8 @@ class SLO:
     def load(cls, name: str | None) -> SLO:
         """A TOML file, or the name of an SLO preset in configs/ (slo-cpu); a [slo] table or
         top-level keys. Mistakes raise ConfigError (a ValueError)."""
+        from engine.config_files import read_config
         from engine.errors import ConfigError
-        from server.cli import read_config
 
         if not name:
             return cls()

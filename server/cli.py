@@ -6,11 +6,10 @@ import argparse
 import logging
 import os
 import sys
-import tomllib
-from importlib import resources
 from pathlib import Path
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, rules_from_config
+from engine.config_files import read_config
 from engine.errors import ConfigError, NibbleError
 
 DESCRIPTION = """\
@@ -355,45 +354,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             if not isinstance(file_variants, list) or not all(isinstance(q, str) for q in file_variants):
                 raise ConfigError("config key 'variants' must be a list of quantization strings")
             args.variants = ",".join(file_variants)
-    if args.rules:
-        data["rules"] = list(args.rules) + _file_rules(data.get("rules"))
+    if args.rules:  # flags first: the first matching rule wins
+        data["rules"] = [*args.rules, *rules_from_config(data.get("rules", []))]
     return EngineConfig.from_dict(data)
-
-
-def _file_rules(rules) -> list[str]:
-    if not rules:
-        return []
-    return [f"{k}={v}" for k, v in rules.items()] if isinstance(rules, dict) else list(rules)
-
-
-def is_config_name(name: str) -> bool:
-    """A TOML file or the name of an engine preset in configs/."""
-    if name.endswith(".toml"):
-        return True
-    return name in presets()
-
-
-def presets(kind: str = "config") -> list[str]:
-    """Names of the TOML presets in configs/: engine configs, or (kind "slo") the SLO files of
-    `nibble bench serve`, whose names start with slo-."""
-    return sorted(p.name[:-5] for p in resources.files("configs").iterdir()
-                  if p.name.endswith(".toml") and p.name != "models.toml"
-                  and p.name.startswith("slo-") == (kind == "slo"))
-
-
-def read_config(name: str, kind: str = "config") -> dict:
-    """A TOML file, or a preset of `kind` from configs/ by name."""
-    path = Path(name)
-    if not path.exists():
-        stem = name.removesuffix(".toml")
-        if stem not in presets(kind):
-            raise ConfigError(f"{kind} {name!r} is neither a file nor a preset; presets: "
-                              f"{', '.join(presets(kind))}")
-        path = resources.files("configs") / f"{stem}.toml"
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{name}: not valid TOML ({exc})") from None
 
 
 def _show_engine_log() -> None:

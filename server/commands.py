@@ -231,7 +231,7 @@ def variant_config(text: str, base: EngineConfig) -> tuple[str, EngineConfig]:
 
     from engine import hub
     from engine.config import QuantPolicy
-    from server.cli import is_config_name, read_config
+    from engine.config_files import is_config_name, read_config
 
     text = text.strip()
     if not text:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import EngineConfig, QuantPolicy, QuantSpec
+from engine.config import EngineConfig, QuantPolicy, QuantSpec, rules_from_config
+from engine.config_files import is_config_name, presets, read_config
 from engine.errors import ConfigError
 
 
@@ -51,6 +52,36 @@ def test_config_file_keys_are_checked():
         EngineConfig.from_dict({"quants": "int4"})
     cfg = EngineConfig.from_dict({"quant": "int4", "rules": {"mlp\\..*": "int8"}})
     assert cfg.policy.spec_for("layers.1.mlp.down_proj").method == "int8"
+
+
+@pytest.mark.parametrize("rules", ["mlp=int4", "", 5, False, [1]])
+def test_file_rules_are_a_list_or_a_table(rules):
+    """A bare string would otherwise be read as one rule per character."""
+    with pytest.raises(ConfigError, match="list of 'REGEX=FORMAT' strings or a table"):
+        rules_from_config(rules)
+    with pytest.raises(ConfigError, match="list of 'REGEX=FORMAT' strings or a table"):
+        EngineConfig.from_dict({"rules": rules})
+    assert rules_from_config({"mlp": "int4"}) == ["mlp=int4"] == rules_from_config(["mlp=int4"])
+    assert rules_from_config({}) == [] == rules_from_config([])
+
+
+def test_config_files_and_presets(tmp_path):
+    assert presets() == ["mixed-attn-int8-mlp-int4", "serve-ab-bf16-int4"]  # not models.toml
+    assert presets("slo") == ["slo-cpu"]
+    assert read_config("mixed-attn-int8-mlp-int4")["quant"] == "int4"
+    assert read_config("mixed-attn-int8-mlp-int4.toml") == read_config("mixed-attn-int8-mlp-int4")
+    assert is_config_name("mixed-attn-int8-mlp-int4") and is_config_name("mine.toml")
+    assert not is_config_name("int4") and not is_config_name("slo-cpu")
+    with pytest.raises(ConfigError, match="neither a file nor a preset; presets: mixed-attn"):
+        read_config("no-such-preset")
+    with pytest.raises(ConfigError, match="slo 'slo-gpu' is neither .* presets: slo-cpu$"):
+        read_config("slo-gpu", kind="slo")
+    mine = tmp_path / "mine.toml"
+    mine.write_text('quant = "nf4"\n')
+    assert read_config(str(mine)) == {"quant": "nf4"}
+    mine.write_text("quant = \n")
+    with pytest.raises(ConfigError, match="mine.toml: not valid TOML"):
+        read_config(str(mine))
 
 
 @pytest.mark.parametrize("values,hint", [

@@ -92,6 +92,36 @@ def test_slo_files(tmp_path):
         SLO.load("no-such-slo")
 
 
+IMPORT_ORDER = """
+import sys
+from loadtests.report import SLO
+assert SLO.load("slo-cpu").goodput_ratio == 0.9
+leaked = sorted(m for m in sys.modules if m == "server" or m.startswith("server."))
+assert not leaked, f"reading an SLO file imported {leaked}"
+from server.cli import build_parser, engine_config
+from server import commands
+from loadtests import bench
+args = build_parser().parse_args(["generate", "-c", "mixed-attn-int8-mlp-int4", "hi"])
+assert engine_config(args).quant == "int4"
+assert commands.variant_config("mixed-attn-int8-mlp-int4", engine_config(args))[1].rules
+print("ok")
+"""
+
+
+def test_slo_files_are_read_without_the_command_line():
+    """loadtests.report first, in a fresh interpreter: reading an SLO preset leaves server/
+    unimported (config files are engine/config_files.py's, so there is no loadtests -> server
+    -> loadtests cycle), and server.cli, server.commands and loadtests.bench import after it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", IMPORT_ORDER], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
 def test_ramp_finds_the_highest_rate_that_holds(monkeypatch, tmp_path):
     """The ramp multiplies the rate until goodput falls below the ratio, then bisects: with a
     server that holds up to 1.3 req/s, stages run 0.25, 0.5, 1, 2, then 1.5 and 1.25."""

@@ -32,6 +32,27 @@ def test_user_mistakes_give_one_clear_error(args, fragments):
     assert_clean_error(nibble(*args), *fragments)
 
 
+def test_rule_flags_go_before_the_config_file_rules(tmp_path):
+    """--rule flags come first, so they win over the file's rules; the file's rules are checked
+    the same way with or without flags."""
+    from engine.errors import ConfigError
+    from server.cli import build_parser, engine_config
+
+    def cfg(*argv):
+        return engine_config(build_parser().parse_args(["generate", *argv, "hi"]))
+
+    preset = cfg("-c", "mixed-attn-int8-mlp-int4", "-r", "mlp\\.down_proj=nf4")
+    assert preset.rules == ("mlp\\.down_proj=nf4", "self_attn\\..*=int8", "mlp\\..*=int4")
+    assert preset.policy.spec_for("layers.0.mlp.down_proj").method == "nf4"
+    assert preset.policy.spec_for("layers.0.mlp.up_proj").method == "int4"
+    assert cfg("-r", "mlp=int8").rules == ("mlp=int8",)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('rules = "mlp=int4"\n')  # a string, not a list: once read as 8 rules of 1 char
+    for flags in ([], ["-r", "self_attn=int8"]):
+        with pytest.raises(ConfigError, match="list of 'REGEX=FORMAT' strings or a table"):
+            cfg("-c", str(bad), *flags)
+
+
 def test_corrupt_and_truncated_gguf(tmp_path, default_source):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file at all")
