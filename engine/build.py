@@ -19,6 +19,7 @@ from engine.loader import (
     load_gguf_native,
     load_weights,
     open_gguf,
+    release_load_memory,
     safetensors_tensors,
 )
 from engine.models.llama import LlamaModel, residual_dtype_for
@@ -54,6 +55,8 @@ def load(cfg: EngineConfig, progress: bool = True, prepare: bool = True) -> Load
     if prepare:
         model.prepare(torch.device(cfg.device), cfg.batch_invariant,
                       decode_act8=cfg.decode_activations == "int8")
+    del fill  # it holds the file's reader
+    release_load_memory()
     return Loaded(model, tokenizer, model_cfg, policy, source, max_len)
 
 

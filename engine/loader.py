@@ -8,10 +8,15 @@ in 16/32-bit at any time; a 7B model never needs a second full-precision copy in
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import functools
+import gc
 import json
 import logging
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,11 +132,61 @@ def _gguf_fields(reader) -> dict:
 # ----------------------------------------------------------------------------- tensors
 
 def open_gguf(path: Path):
-    """A GGUFReader, parsed once per file version in this process: the gguf package reads the
-    metadata (the tokenizer's 49k-entry vocabulary and merges) field by field, which takes
-    seconds, and a server with variants or a comparison opens one file several times."""
+    """A GGUFReader, parsed once per file version while it is kept (see reader_cache): the
+    gguf package reads the metadata (the tokenizer's 49k-entry vocabulary and merges) field by
+    field, which takes seconds, and a server with variants or a comparison opens one file
+    several times."""
     st = Path(path).stat()
     return _reader(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+# Open reader_cache blocks: while any is open, parsed GGUF files stay parsed.
+_HOLDS = 0
+
+
+@contextlib.contextmanager
+def reader_cache():
+    """Keeps parsed GGUF files for every load inside the block (a server's variants, the two
+    sides of a comparison), so one file is parsed once; when the last block closes they are
+    let go as after a single load (release_load_memory)."""
+    global _HOLDS
+    _HOLDS += 1
+    try:
+        yield
+    finally:
+        _HOLDS -= 1
+        release_load_memory()
+
+
+def release_load_memory() -> None:
+    """After loading, unless a reader_cache block is open: drops the parsed GGUF readers and
+    hands the heap that loading freed back to the system. A parsed reader keeps the file
+    mapped and one Python object per metadata field: on a 2-core AMD EPYC with the default
+    model (int4), dropping it took the process from 746 to 522 MB resident, and trimming the
+    heap (glibc's malloc_trim: the loader's transient fp32 copies leave it fragmented) to 414
+    MB. Parsing the file again costs about 3 s, hence the cache while loads follow each other."""
+    if _HOLDS:
+        return
+    _reader.cache_clear()
+    gc.collect()  # the readers' fields are in reference cycles
+    _malloc_trim()
+
+
+@functools.cache
+def _libc():
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None  # glibc; musl has none
+
+
+def _malloc_trim() -> None:
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 @functools.lru_cache(maxsize=4)

@@ -231,16 +231,18 @@ def prepare(model_name: str, configs: list[tuple[str | None, EngineConfig]],
     """Loads the served variants and the shadow reference (reusing a served variant with the
     same config), then checks the quality gate (raises server.quality.GateFailed)."""
     from engine.eval import weights_key
+    from engine.loader import reader_cache
     from server.quality import run_gate
 
-    variants = load_variants(model_name, configs)
-    ref = None
-    if shadow is not None:
-        label, cfg = shadow
-        ref = next((v for v in variants if weights_key(v.llm.config) == weights_key(cfg)), None) \
-            or _load(model_name, label, cfg)
-        log.info("shadow A/B: %s scores a sample of %s", ref.name,
-                 ", ".join(v.name for v in variants if v is not ref))
+    with reader_cache():  # one model file, parsed once for all of them
+        variants = load_variants(model_name, configs)
+        ref = None
+        if shadow is not None:
+            label, cfg = shadow
+            ref = next((v for v in variants if weights_key(v.llm.config) == weights_key(cfg)),
+                       None) or _load(model_name, label, cfg)
+            log.info("shadow A/B: %s scores a sample of %s", ref.name,
+                     ", ".join(v.name for v in variants if v is not ref))
     if gate:
         for line in run_gate(variants, list(gate), [ref] if ref is not None else [], gate_tokens):
             log.info("%s", line)

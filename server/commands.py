@@ -265,6 +265,7 @@ def compare(args: argparse.Namespace, cfg: EngineConfig) -> int:
     from engine.eval import compare as run_compare
     from engine.eval.plot import write_png
     from engine.llm import LLM
+    from engine.loader import reader_cache
 
     for name, value, low in (("--ctx", args.ctx, 16), ("--chunks", args.chunks, 2),
                              ("--max-tokens", args.max_tokens, 1)):
@@ -282,7 +283,8 @@ def compare(args: argparse.Namespace, cfg: EngineConfig) -> int:
     out = args.out or Path(f"nibble-compare-{_safe(label_b)}-vs-{_safe(label_a)}")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
-    llm_a, llm_b = LLM(config=cfg_a), LLM(config=cfg_b)
+    with reader_cache():  # both sides usually read one model file: parse it once
+        llm_a, llm_b = LLM(config=cfg_a), LLM(config=cfg_b)
     result = run_compare(llm_a, llm_b, label_a, label_b, opts)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result.report, indent=2) + "\n")

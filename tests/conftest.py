@@ -62,6 +62,16 @@ def tiny_llama(tmp_path_factory, default_source):
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _parse_model_files_once():
+    """Loads let a parsed GGUF go when they finish (engine.loader.reader_cache); the session
+    loads the default model's file about twenty times, so it keeps it parsed throughout."""
+    from engine.loader import reader_cache
+
+    with reader_cache():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -1,0 +1,88 @@
+"""Resident memory of a loaded model: what loading leaves behind beside the weights.
+
+For each format, two fresh processes load the default model with a small KV cache (16 MB, so
+that weights and leftovers show): one as nibble loads now (the parsed GGUF file let go, the
+heap trimmed; engine.loader.release_load_memory), one with the parsed file kept as every load
+did before (inside engine.loader.reader_cache(), no trim). Each reports its resident set
+(VmRSS, and its anonymous and file-backed parts) after imports and after the load, and the
+weight bytes `nibble inspect` counts. Writes JSON under benchmarks/results/.
+
+    python benchmarks/load_memory.py                  # int4, int8, bf16, nf4
+    python benchmarks/load_memory.py --quants int4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CHILD = """
+import contextlib, json, sys
+def mem():
+    out = {}
+    for line in open("/proc/self/status"):
+        key = line.split(":")[0]
+        if key in ("VmRSS", "RssAnon", "RssFile"):
+            out[key] = int(line.split()[1]) * 1024
+    return out
+from engine import LLM, loader
+from engine.report import total_bytes
+from kernels import native
+native.load()
+before = mem()
+with loader.reader_cache() if sys.argv[2] == "kept" else contextlib.nullcontext():
+    llm = LLM(sys.argv[1], quant=sys.argv[3], progress=False, kv_cache_memory=16e6)
+    after = mem()  # inside the block: the parsed file is still held
+print(json.dumps({"before": before, "after": after, "weight_bytes": total_bytes(llm.model)}))
+"""
+
+
+def measure(model: str, mode: str, quant: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, model, mode, quant], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--quants", default="int4,int8,bf16,nf4")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    from benchmarks.machine import machine_info, write_report
+
+    rows = []
+    for quant in args.quants.split(","):
+        row = {"quant": quant}
+        for mode in ("kept", "released"):  # the old behaviour first, then the new
+            m = measure(args.model, mode, quant)
+            row["weight_bytes"] = m["weight_bytes"]
+            row[mode] = {k: m["after"][k] - m["before"][k] for k in m["after"]}
+            print(f"{quant} {mode}: {row[mode]}", file=sys.stderr)
+        row["rss_ratio_released_over_kept"] = round(row["released"]["VmRSS"] / row["kept"]["VmRSS"], 3)
+        rows.append(row)
+    report = {"benchmark": "load_memory", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "model": args.model, "kv_cache_bytes_requested": 16e6,
+              "definition": "growth of the process's resident set (VmRSS, RssAnon, RssFile from "
+              "/proc/self/status) from after imports to after LLM(...) returns; kept = the parsed "
+              "GGUF file held and no heap trim (every load before this change), released = now",
+              "machine": machine_info(), "results": rows}
+    mib = 2 ** 20
+    lines = ["| format | weights (MiB) | resident growth, file kept (MiB) | now (MiB) | now / kept |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['quant']} | {r['weight_bytes'] / mib:.0f} | {r['kept']['VmRSS'] / mib:.0f} | "
+                     f"{r['released']['VmRSS'] / mib:.0f} | {r['rss_ratio_released_over_kept']:.2f}x |")
+    write_report(report, args.out, "load-memory", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
