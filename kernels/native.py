@@ -112,6 +112,8 @@ def load() -> ModuleType | None:
 
     _ninja_on_path()
     build = build_directory()
+    if build is not None and not _wait_for_other_build(build / "lock"):
+        return None
     start = time.perf_counter()
     try:
         # -fopenmp: at::parallel_for compiles to OpenMP regions on PyTorch's own thread pool
@@ -128,6 +130,31 @@ def load() -> ModuleType | None:
         log.info("native CPU kernels: compiled in %.0f s (once per install and PyTorch version)",
                  took)
     return module
+
+
+# How long a process waits for another one's build of the kernels (about a minute on 2 cores)
+# before it serves with PyTorch's ops instead.
+LOCK_WAIT_S = 300.0
+
+
+def _wait_for_other_build(lock: Path) -> bool:
+    """True once no other process holds the build directory's lock. cpp_extension waits for
+    that lock forever, and a build that was killed (Ctrl-C, a timeout) leaves it behind: every
+    later process would hang without a word. So wait here, saying why, and give up after
+    LOCK_WAIT_S with the file to delete."""
+    if not lock.exists():
+        return True
+    log.warning("native CPU kernels: another process is building them (%s exists); waiting up "
+                "to %.0f s", lock, LOCK_WAIT_S)
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while lock.exists() and time.monotonic() < deadline:
+        time.sleep(min(1.0, LOCK_WAIT_S / 10))
+    if lock.exists():
+        log.warning("native CPU kernels: %s is still there after %.0f s; using PyTorch's ops. "
+                    "If no build is running (one was interrupted), delete that file.",
+                    lock, LOCK_WAIT_S)
+        return False
+    return True
 
 
 def main() -> None:

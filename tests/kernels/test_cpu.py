@@ -439,3 +439,21 @@ def test_bf16_layers_take_the_fp16_gemm_where_it_wins(monkeypatch):
         y = m.apply(x, None)
         assert y.dtype == torch.bfloat16
         torch.testing.assert_close(y.float(), want, rtol=2**-7, atol=1e-3)
+
+
+def test_a_build_lock_left_behind_does_not_hang_the_process(tmp_path, monkeypatch, caplog):
+    """A build killed mid-way leaves the directory's lock file; PyTorch's loader would wait on
+    it forever. load() waits a bounded time, then serves with PyTorch's ops and names the
+    file; without the file it goes on to build."""
+    monkeypatch.setattr(native, "LOCK_WAIT_S", 0.2)
+    lock = tmp_path / "lock"
+    lock.touch()
+    with caplog.at_level("WARNING", logger="nibble.kernels"):
+        assert native._wait_for_other_build(lock) is False
+    assert str(lock) in caplog.text and "delete that file" in caplog.text
+    monkeypatch.setenv("NIBBLE_KERNELS_DIR", str(tmp_path))
+    if native.supported() is None:  # the whole load gives up the same way, without building
+        assert native.load.__wrapped__() is None
+        assert not list(tmp_path.glob("*.so"))
+    lock.unlink()
+    assert native._wait_for_other_build(lock) is True
