@@ -177,7 +177,8 @@ void nibble::int4_gemm(const float* xp, int64_t M, int64_t K, const int32_t* wp,
   act8 = act8 && K % kQBlock == 0 && group_size % kQBlock == 0;  // else x stays fp32
   std::vector<int8_t> xq(act8 ? M * K : 0);
   std::vector<float> xa(act8 ? M * KB : 0);
-  if (act8) quantize_activations(xp, M, K, true, xq.data(), xa.data());
+  std::vector<int32_t> qsum(act8 ? M * KB : 0);  // per block: the sum of its int8 values
+  if (act8) quantize_activations(xp, M, K, true, xq.data(), xa.data(), qsum.data());
   // bias * sum(x) per group; on the 8-bit path the sum of the quantized x, so that the row
   // computes exactly W . x_quantized (the codes' offset, which the bias cancels, then adds no
   // error of its own)
@@ -187,11 +188,8 @@ void nibble::int4_gemm(const float* xp, int64_t M, int64_t K, const int32_t* wp,
       float s = 0.f;
       if (act8) {
         for (int64_t blk = g * (group_size / kQBlock); blk < (g + 1) * (group_size / kQBlock);
-             ++blk) {
-          int32_t q = 0;
-          for (int64_t k = blk * kQBlock; k < (blk + 1) * kQBlock; ++k) q += xq[m * K + k];
-          s += static_cast<float>(q) * xa[m * KB + blk];
-        }
+             ++blk)
+          s += static_cast<float>(qsum[m * KB + blk]) * xa[m * KB + blk];
       } else {
         for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) s += xp[m * K + k];
       }

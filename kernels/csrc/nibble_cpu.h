@@ -54,11 +54,13 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive(__m256 x) {
 // 8-bit activations: each row of x [M, K] in blocks of kActBlock, a = max|x| / 127 (xa
 // [M, K / kActBlock]) and xq = round(x / a) to nearest even; nibble_order stores each chunk of
 // 8 as k = 0 2 4 6 1 3 5 7 (int4_cpu.cpp pairs them with a word's low and high nibbles).
+// xsum, where not null, gets each block's sum of xq (int4_cpu.cpp's bias term).
 constexpr int64_t kActBlock = 32;
 
 __attribute__((target("avx2,fma"))) inline void quantize_activations(const float* x, int64_t M,
                                                                      int64_t K, bool nibble_order,
-                                                                     int8_t* xq, float* xa) {
+                                                                     int8_t* xq, float* xa,
+                                                                     int32_t* xsum = nullptr) {
   static const int kNibbleOrder[8] = {0, 2, 4, 6, 1, 3, 5, 7};
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t m = 0; m < M; ++m)
@@ -77,13 +79,17 @@ __attribute__((target("avx2,fma"))) inline void quantize_activations(const float
       const float inv = top > 0.f ? 127.0f / top : 0.f;
       xa[m * (K / kActBlock) + b] = top / 127.0f;
       int8_t* out = xq + m * K + b * kActBlock;
+      int32_t sum = 0;
       for (int i = 0; i < kActBlock / 8; ++i) {
         alignas(32) int32_t q[8];  // round to nearest even (the default MXCSR mode)
         _mm256_store_si256(reinterpret_cast<__m256i*>(q),
                            _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv))));
-        for (int j = 0; j < 8; ++j)
+        for (int j = 0; j < 8; ++j) {
           out[8 * i + j] = static_cast<int8_t>(q[nibble_order ? kNibbleOrder[j] : j]);
+          sum += q[j];
+        }
       }
+      if (xsum != nullptr) xsum[m * (K / kActBlock) + b] = sum;
     }
 }
 
