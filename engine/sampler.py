@@ -26,17 +26,18 @@ def sample(logits: Tensor, seqs: list[Sequence]) -> list[tuple[int, dict[int, fl
 
 def _adjusts(seq: Sequence) -> bool:
     """Whether _adjust changes this sequence's logits."""
-    p = seq.params
-    return seq.logit_bias is not None or p.repetition_penalty != 1.0 \
-        or bool(p.presence_penalty) or bool(p.frequency_penalty)
+    return seq.logit_bias is not None or _penalizes(seq.params)
+
+
+def _penalizes(p) -> bool:
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
 
 
 def _adjust(row: Tensor, seq: Sequence) -> Tensor:
-    p = seq.params
     if seq.logit_bias is not None:
         ids, bias = seq.logit_bias
         row = row.index_add(0, ids, bias)
-    if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+    if _penalizes(seq.params):
         row = _penalize(row, seq)
     return row
 
