@@ -59,9 +59,9 @@ M = 64, 128, 256 and 512 on the layer's shape and records the smallest M from wh
 path wins: once per shape per machine, stored for later processes (kernels/tuning_cache.py;
 NIBBLE_RETUNE=1 measures again, NIBBLE_TUNE=0 times nothing and keeps the fused path).
 Measured on a 2-core AVX2 EPYC, 576x1536, int4 g64: fused 2.4 / 4.8 / 9.4 / 18.6 ms vs dense
-2.3 / 3.0 / 4.6 / 8.1 ms at M = 64 / 128 / 256 / 512. The two paths round differently, so a row's result then
-depends on how many rows share its call: prepare(batch_invariant=True) keeps the fused op
-for every M (its rows are bitwise independent of the batch).
+2.3 / 3.0 / 4.6 / 8.1 ms at M = 64 / 128 / 256 / 512. The two paths round differently, so a
+row's result then depends on how many rows share its call: prepare(batch_invariant=True)
+keeps the fused op for every M (its rows are bitwise independent of the batch).
 """
 
 from __future__ import annotations
@@ -392,7 +392,8 @@ def _int4_native_prepare(q: Tensor, scales: Tensor, zeros: Tensor, group_size: i
                           "group_size": kg, "N": N, "dense_from": None,
                           "act": torch.empty(0, dtype=act_dtype)}  # the activations' dtype
     prepared["dense_from"] = _dense_from(
-        ("int4-native", native_kernels.source_digest(), K, N, kg, act_dtype), lambda x: _int4_native(x, prepared),
+        ("int4-native", native_kernels.source_digest(), K, N, kg, act_dtype),
+        lambda x: _int4_native(x, prepared),
         lambda x: _dense_rows(x, _int4_native_dense_t(prepared), N), K, act_dtype,
         batch_invariant)
     return prepared

@@ -165,10 +165,9 @@ def format_table(report: dict) -> str:
                   f"  identical outputs {100 * f['exact_match_rate']:.1f} %   token agreement "
                   f"{100 * f['token_agreement']:.1f} %   median first divergence "
                   + (f"at token {med}" if med is not None else "not reached (most outputs agree)")]
-    if "kernels" in report["a"] and "kernels" in report["b"]:
-        lines += [f"kernels: A {report['a']['kernels']['decode_step']}; B "
-                  f"{report['b']['kernels']['decode_step']} (per layer and batch size in the JSON)"]
-    if dispatch := report["b"].get("cpu_dispatch"):
+    lines += [f"kernels: A {report['a']['kernels']['decode_step']}; B "
+              f"{report['b']['kernels']['decode_step']} (per layer and batch size in the JSON)"]
+    if dispatch := report["b"]["cpu_dispatch"]:
         stored = sum(c["source"] == "cached" for c in dispatch)
         lines += [f"  CPU dispatch: {len(dispatch)} choices, {stored} read from this machine's "
                   f"stored ones, {len(dispatch) - stored} measured now (NIBBLE_RETUNE=1 measures "
