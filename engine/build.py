@@ -44,10 +44,7 @@ def load(cfg: EngineConfig, progress: bool = True, prepare: bool = True) -> Load
     (leave it off to save a checkpoint: prepared layouts are kernel-specific)."""
     source = hub.resolve_model(cfg.model, progress=progress)
     model_cfg, policy, fill = _open(source, cfg, progress)
-    max_len = cfg.max_model_len or min(model_cfg.max_position_embeddings, DEFAULT_MAX_LEN)
-    if max_len > model_cfg.max_position_embeddings:
-        raise ConfigError(f"max_model_len {max_len} exceeds the context length "
-                          f"{model_cfg.max_position_embeddings} of {source.name}")
+    max_len = _max_len(cfg, model_cfg, source)
     model = LlamaModel(model_cfg, policy, max_len,
                        residual_dtype_for(policy.act_dtype, torch.device(cfg.device)))
     fill(model)
@@ -58,6 +55,22 @@ def load(cfg: EngineConfig, progress: bool = True, prepare: bool = True) -> Load
     del fill  # it holds the file's reader
     release_load_memory()
     return Loaded(model, tokenizer, model_cfg, policy, source, max_len)
+
+
+def describe(cfg: EngineConfig) -> tuple[hub.ModelSource, ModelConfig, QuantPolicy, int]:
+    """What `load` would build (source, model config, policy, context length), from the
+    config and file headers only: no weight is read."""
+    source = hub.resolve_model(cfg.model, progress=False)
+    model_cfg, policy, _ = _open(source, cfg, progress=False)
+    return source, model_cfg, policy, _max_len(cfg, model_cfg, source)
+
+
+def _max_len(cfg: EngineConfig, model_cfg: ModelConfig, source: hub.ModelSource) -> int:
+    max_len = cfg.max_model_len or min(model_cfg.max_position_embeddings, DEFAULT_MAX_LEN)
+    if max_len > model_cfg.max_position_embeddings:
+        raise ConfigError(f"max_model_len {max_len} exceeds the context length "
+                          f"{model_cfg.max_position_embeddings} of {source.name}")
+    return max_len
 
 
 def _open(source: hub.ModelSource, cfg: EngineConfig, progress: bool):

@@ -10,7 +10,9 @@ import torch
 from engine import build
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.loader import reader_cache
 from engine.model_runner import ModelRunner, num_kv_blocks
+from engine.plan import check_fits
 from engine.progress import counter
 from engine.sampling_params import SamplingParams
 from engine.sequence import RequestOutput
@@ -35,7 +37,9 @@ class LLM:
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         torch.manual_seed(self.config.seed)
-        self.loaded = build.load(self.config, progress=progress)
+        with reader_cache():  # the estimate and the load read one parse of the file
+            check_fits([self.config])  # before any weight is read: refuse what cannot fit
+            self.loaded = build.load(self.config, progress=progress)
         self.tokenizer = self.loaded.tokenizer
         c, device = self.config, torch.device(self.config.device)
         blocks = num_kv_blocks(self.loaded.model, device, self.loaded.max_model_len, c.block_size,

@@ -33,6 +33,13 @@ def num_kv_blocks(model: LlamaModel, device: torch.device, max_model_len: int, b
         total = torch.cuda.get_device_properties(device).total_memory
     else:
         total = memory_limit_bytes()
+    return kv_budget(per_block, seq_blocks, max_num_seqs, memory, total)
+
+
+def kv_budget(per_block: int, seq_blocks: int, max_num_seqs: int, memory: float | None,
+              total: int) -> int:
+    """num_kv_blocks' rule on numbers: blocks of per_block bytes within a device of `total`
+    bytes, never fewer than one sequence of seq_blocks."""
     if memory is None:
         budget = min(max_num_seqs * seq_blocks * per_block, 0.1 * total)
     else:

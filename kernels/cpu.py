@@ -194,15 +194,18 @@ def cache_path() -> Path:
     return tuning_cache.file_for(f"cpu-{model}-{torch.backends.cpu.get_cpu_capability()}")
 
 
+def _key_text(key: tuple) -> str:
+    return "/".join([f"torch{torch.__version__}", *(str(k).removeprefix("torch.") for k in key),
+                     f"threads{torch.get_num_threads()}"])
+
+
 def _choice(key: tuple, measure: Callable[[], Any], describe: Callable[[Any], str],
             valid: Callable[[Any], bool]) -> Any:
     """The choice for `key` (a layer shape and path family): decided earlier in this process,
     stored for this machine, or measured now and stored (NIBBLE_RETUNE=1: always measured).
     The stored key adds the PyTorch version and the thread count, which change timings;
     `measure()` returns a JSON value, and a stored value that fails `valid` is measured again."""
-    text = "/".join([f"torch{torch.__version__}",
-                     *(str(k).removeprefix("torch.") for k in key),
-                     f"threads{torch.get_num_threads()}"])
+    text = _key_text(key)
     if text not in _MEASURED:
         path = cache_path()
         stored = {} if tuning_cache.retune() else tuning_cache.read(path)
@@ -693,3 +696,116 @@ def nf4_linear(x: Tensor, prepared: Prepared, bias: Tensor | None = None) -> Ten
             raise ValueError(f"nf4 linear expects x[..., {prepared['K']}], got {tuple(x.shape)}")
         return fp16_gemm(x, prepared["fp16_gemm"], bias)
     return _dense_linear(x, prepared, bias, "nf4")
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: what each prepare above keeps, from shapes alone (engine/plan.py's estimate; the
+# tests check every format against the bytes of real prepared layouts)
+# ---------------------------------------------------------------------------------------------
+
+
+def stored_choice(key: tuple) -> tuple[bool, Any]:
+    """(known, value) of a load-time choice without measuring it: what this process decided or
+    this machine stored (see _choice); unknown where a load would measure it now."""
+    text = _key_text(key)
+    if text in _MEASURED:
+        return True, _MEASURED[text][0]
+    stored = {} if tuning_cache.retune() else tuning_cache.read(cache_path())
+    return (True, stored[text]) if text in stored else (False, None)
+
+
+def fp16_gemm_expected(N: int, K: int, dtype: torch.dtype) -> bool:
+    """Whether fp16_gemm_prepare packs its copy of a 16-bit [N, K] weight: the stored choice,
+    or, where a load would measure it, True (an estimate that must not fall short)."""
+    if _timing_off(False) or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    known, value = stored_choice(("fp16-gemm", K, N, dtype))
+    return bool(value["fbgemm"]) if known and isinstance(value, dict) else True
+
+
+# fbgemm's PackedGemmMatrixFP16 holds K in whole blocks of 512 rows and N in whole blocks of
+# its kernel's width (16 columns with AVX2, 32 with AVX-512); measured on torch 2.13: a
+# 49152 x 576 weight packs into 96 MiB, as 49152 x 1024 fp16 values.
+_FBGEMM_ROW_BLOCK = 512
+
+
+def fp16_gemm_bytes(N: int, K: int) -> int:
+    """Bytes of fbgemm's packed fp16 copy of a [N, K] weight."""
+    cols = 32 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 16
+    return -(-K // _FBGEMM_ROW_BLOCK) * _FBGEMM_ROW_BLOCK * -(-N // cols) * cols * 2
+
+
+def _int4_path(K: int, group_size: int) -> tuple[str, int]:
+    """("dense" | "native" | "op", kernel group) as int4_prepare decides it."""
+    kg = _int4_kernel_group(K, group_size)
+    if kg is None:
+        return "dense", 0
+    if native_kernels.supported() is None and native_kernels.load() is not None \
+            and K % 8 == 0 and kg % 8 == 0:
+        return "native", kg
+    return "op", kg
+
+
+def prepared_bytes(fmt: str, N: int, K: int, group_size: int | None,
+                   act_dtype: torch.dtype) -> int:
+    """Bytes of the layout `<fmt>_prepare` keeps for a [N, K] weight (fmt: a registry name,
+    int4 | int8 | int8g | nf4). nf4's dequantized copy is F.linear's or fbgemm's."""
+    act = act_dtype.itemsize
+    if fmt == "int4":
+        path, kg = _int4_path(K, group_size)
+        if path == "dense":
+            return N * K * act
+        if path == "native":
+            Np = N + -N % 8
+            return Np * K // 2 + 2 * (K // kg) * Np * 4
+        Np = N + -N % _INT4_N_MULTIPLE
+        return Np * K // 2 + (K // kg) * Np * 2 * act
+    if fmt == "int8":
+        if act_dtype == torch.bfloat16 and K % _INT8_BF16_K_MULTIPLE:
+            return N * K * act
+        return N * K + N * act + N * 4
+    if fmt == "int8g":
+        G = -(-K // group_size)
+        return N * G * group_size + 2 * N * G * 4
+    if fmt == "nf4":
+        return fp16_gemm_bytes(N, K) if fp16_gemm_expected(N, K, act_dtype) else N * K * act
+    raise ValueError(f"no CPU layout for format {fmt!r}")
+
+
+def _dense_expected(key: tuple) -> bool:
+    """Whether a layer may take the dequantize-per-call path: its stored crossover, or, where a
+    load would measure it, True."""
+    if _timing_off(False):
+        return False
+    known, value = stored_choice(key)
+    return value is not None if known else True
+
+
+def scratch_buffers(fmt: str, N: int, K: int, group_size: int | None,
+                    act_dtype: torch.dtype) -> dict[tuple, int]:
+    """The shared per-shape buffers (see _scratch) that the dense path of this layer allocates
+    at its first call with many rows: {(tag, shape): bytes}; layers of one shape share them."""
+    if fmt == "int8g":
+        G = -(-K // group_size)
+        return {("int8g-dense", N, G * group_size): 4 * N * G * group_size}
+    if fmt == "int8":
+        if act_dtype == torch.bfloat16 and K % _INT8_BF16_K_MULTIPLE \
+                or not _dense_expected(("int8", K, N, act_dtype)):
+            return {}
+        return {("int8-dense", N, K): 4 * N * K}
+    if fmt != "int4":
+        return {}
+    path, kg = _int4_path(K, group_size)
+    if path == "native":
+        Np = N + -N % 8
+        key = ("int4-native", native_kernels.source_digest(), K, N, kg, act_dtype)
+        return {("int4-dense", K, Np): 4 * K * Np} if _dense_expected(key) else {}
+    layout = int4_pack_layout() if path == "op" else None
+    if layout is None or not _dense_expected(("int4", K, N, kg, act_dtype)):
+        return {}
+    Np = N + -N % _INT4_N_MULTIPLE
+    nb, tail = divmod(Np, layout.block)
+    out = {("int4-dense", K, Np): 4 * K * Np, ("int4-codes", nb, K, layout.block): nb * K * layout.block}
+    if tail:
+        out[("int4-codes-tail", K, tail)] = K * tail
+    return out

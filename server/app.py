@@ -232,9 +232,14 @@ def prepare(model_name: str, configs: list[tuple[str | None, EngineConfig]],
     same config), then checks the quality gate (raises server.quality.GateFailed)."""
     from engine.eval import weights_key
     from engine.loader import reader_cache
+    from engine.plan import check_fits
     from server.quality import run_gate
 
     with reader_cache():  # one model file, parsed once for all of them
+        wanted = [cfg for _, cfg in configs]
+        if shadow is not None and all(weights_key(c) != weights_key(shadow[1]) for c in wanted):
+            wanted.append(shadow[1])
+        check_fits(wanted)  # all of them together, before any weight is read
         variants = load_variants(model_name, configs)
         ref = None
         if shadow is not None:

@@ -1,4 +1,4 @@
-"""The `nibble` command line: serve, generate, chat, quantize, inspect."""
+"""The `nibble` command line: serve, generate, chat, quantize, inspect, compare, plan, bench."""
 
 from __future__ import annotations
 
@@ -25,6 +25,16 @@ QUANT_HELP = ("storage of the linear layers: fp32, bf16, fp16, int8 (per channel
               "checkpoint holds")
 RULE_HELP = ("per-module override REGEX=FORMAT, searched in the module name "
              "(e.g. 'self_attn\\..*=int8', 'mlp\\..*=int4', 'lm_head=int8'); repeatable, first match wins")
+
+
+def _calib_args(g, tokens: int, ctx: int, scored: str) -> None:
+    g.add_argument("--calib", default="builtin", metavar="FILE|builtin", help="calibration text "
+                   "(default: docstrings of Python's standard library, apart from the text "
+                   "`nibble compare` measures on)")
+    g.add_argument("--calib-tokens", type=int, default=tokens, help="calibration tokens, in "
+                   f"chunks of --calib-ctx{scored} (default {tokens})")
+    g.add_argument("--calib-ctx", type=int, default=ctx, help=f"tokens per calibration chunk "
+                   f"(default {ctx})")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -112,12 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "aware per-feature scales folded into the norms), saved in that method's "
                    "standard layout (config.json quantization_config; GPTQ: qweight/qzeros/"
                    "scales/g_idx, AWQ: GEMM packing) that nibble and other tools load")
-    m.add_argument("--calib", default="builtin", metavar="FILE|builtin", help="calibration text "
-                   "(default: docstrings of Python's standard library, apart from the text "
-                   "`nibble compare` measures on)")
-    m.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens, in "
-                   "chunks of --calib-ctx (default 16384)")
-    m.add_argument("--calib-ctx", type=int, default=512, help="tokens per calibration chunk (default 512)")
+    _calib_args(m, tokens=16384, ctx=512, scored="")
     m.add_argument("--bits", type=int, default=4, help="bits per weight: gptq 4 or 8 (8 loads "
                    "as group-wise int8), awq 4 (default 4)")
     m.add_argument("--act-order", action="store_true", help="gptq: quantize the input features "
@@ -136,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(insp)
     _serve_parser(sub)
     _compare_parser(sub)
+    _plan_parser(sub)
     _bench_parser(sub)
     return parser
 
@@ -249,6 +255,81 @@ def _compare_parser(sub) -> None:
     cmp.add_argument("--out", "-o", type=Path, help="directory for report.json and report.png "
                      "(default: ./nibble-compare-B-vs-A)")
     cmp.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+
+
+PLAN_DESCRIPTION = """\
+Will it fit, and what does each layer cost in quality?
+
+  estimate  (default) the memory each format needs, from the model's config and file headers
+            only (no weight is read): weights as `nibble inspect` counts them, the layouts and
+            copies the device's kernels keep, the KV cache for --concurrency sequences of
+            --context tokens, the largest forward pass's workspace and the runtime; and which
+            formats fit --memory. `nibble serve` and LLM(...) refuse, before loading, what
+            does not fit the device.
+  --scan    quantize one module group at a time (q|k|v, o, gate|up, down of each layer, and
+            lm_head) to each of --formats with the rest 16-bit, and measure the mean KL
+            divergence from the 16-bit model on calibration text, teacher-forced: which
+            layers are sensitive. Writes scan.json and scan.png to --out.
+  --weight-budget SIZE
+            from a scan (run now, or --from-scan FILE), the per-module formats that minimize
+            the summed KL divergence within SIZE bytes of weights (as `nibble inspect` counts
+            them), written as a config file (--out, default plan.toml) that `nibble serve -c`
+            and `nibble compare --b` load.
+
+  nibble plan --memory 8GiB --context 8192 --concurrency 16
+  nibble plan --scan --formats int4,int4-g32,int8,nf4 --out scan/
+  nibble plan --from-scan scan/scan.json --weight-budget 120MB --out plan.toml"""
+
+
+def _plan_parser(sub) -> None:
+    plan = sub.add_parser("plan", help="will it fit; which layers are sensitive; the best mix "
+                          "of formats under a memory budget", description=PLAN_DESCRIPTION,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = plan.add_argument_group("model")
+    g.add_argument("--model", "-m", help="alias, HF directory, .gguf file or nibble checkpoint "
+                   "(default: smollm2-135m)")
+    g.add_argument("--quant", "-q", help="estimate this quantization only (default: one row per "
+                   "--formats entry)")
+    g.add_argument("--rule", "-r", action="append", dest="rules", metavar="REGEX=FORMAT",
+                   help=RULE_HELP)
+    g.add_argument("--config", "-c", metavar="FILE", help="TOML config file or preset (as for "
+                   "nibble serve); flags override it")
+    g.add_argument("--device", help="cpu or cuda[:N] (default: cpu)")
+    g.add_argument("--threads", type=int, help="CPU threads for --scan (default: all cores)")
+    g.add_argument("--formats", metavar="Q1,Q2,...", help="formats of the estimate table and of "
+                   "the scan (default: bf16,int8,int4,int4-g32,nf4 for the table, "
+                   "int4,int4-g32,int8,nf4 for the scan)")
+    m = plan.add_argument_group("estimate")
+    m.add_argument("--memory", metavar="SIZE", help="the budget, e.g. 8GiB or 16GB (default: "
+                   "the device's memory, or a container's lower limit)")
+    m.add_argument("--context", type=int, dest="max_model_len", metavar="TOKENS",
+                   help="tokens per sequence "
+                   "(default: the model's context length, at most 8192)")
+    m.add_argument("--concurrency", type=int, help="sequences whose full context the KV cache "
+                   "holds at once (default: what `nibble serve` reserves: --max-num-seqs 16 "
+                   "sequences, at most 10%% of memory)")
+    m.add_argument("--kv-dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="element type of the KV cache (default auto: what nibble uses on the "
+                   "device, fp32 on CPU and the activation dtype on CUDA)")
+    m.add_argument("--max-num-seqs", type=int, help="the engine's batch size at most (default 16)")
+    m.add_argument("--max-num-batched-tokens", type=int, help="rows of the largest forward pass "
+                   "(default 512)")
+    m.add_argument("--kv-cache-memory", type=float, help="as for nibble serve: the KV cache in "
+                   "bytes or a fraction of memory (default: see --concurrency)")
+    s = plan.add_argument_group("sensitivity scan and plan")
+    s.add_argument("--scan", action="store_true", help="measure each module group's KL "
+                   "divergence at each format (minutes on CPU for a small model)")
+    _calib_args(s, tokens=1024, ctx=256, scored=", the second half of each scored")
+    s.add_argument("--from-scan", type=Path, metavar="FILE", help="a scan.json from an earlier "
+                   "--scan, instead of scanning again")
+    s.add_argument("--weight-budget", metavar="SIZE", help="bytes of weights the plan may use, "
+                   "e.g. 120MB or 4GiB")
+    plan.add_argument("--out", "-o", type=Path, help="--scan: a directory for scan.json and "
+                      "scan.png (default ./nibble-scan); --weight-budget: the plan's config file "
+                      "(default plan.toml)")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _retune_arg(plan)
+    plan.set_defaults(seed=None, decode_activations=None)
 
 
 BENCH_DESCRIPTION = """\

@@ -8,6 +8,7 @@ import json
 import sys
 import time
 
+from engine.config import FLOAT_FORMATS as FLOAT_DTYPES
 from engine.config import EngineConfig
 from engine.errors import ConfigError, NibbleError
 from engine.sampling_params import SamplingParams
@@ -15,7 +16,8 @@ from engine.sampling_params import SamplingParams
 
 def run(args: argparse.Namespace, cfg: EngineConfig) -> int:
     return {"serve": serve, "generate": generate, "chat": chat, "quantize": quantize,
-            "inspect": inspect, "compare": compare, "bench": bench}[args.command](args, cfg)
+            "inspect": inspect, "compare": compare, "plan": plan,
+            "bench": bench}[args.command](args, cfg)
 
 
 def serve(args: argparse.Namespace, cfg: EngineConfig) -> int:
@@ -221,6 +223,115 @@ def inspect(args: argparse.Namespace, cfg: EngineConfig) -> int:
         print(f"  {fmt:>10}: {n / 2**20:9.2f} MiB  ({100 * n / total:4.1f}%)")
     print(f"  {'total':>10}: {total / 2**20:9.2f} MiB")
     return 0
+
+
+def plan(args: argparse.Namespace, cfg: EngineConfig) -> int:
+    """`nibble plan`: the memory table, or a sensitivity scan and a plan under a budget."""
+    from engine import plan as memory
+
+    for name, value in (("--concurrency", args.concurrency), ("--calib-tokens", args.calib_tokens),
+                        ("--calib-ctx", args.calib_ctx)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value}")
+    budget = memory.parse_bytes(args.memory) if args.memory else None
+    if args.scan or args.from_scan or args.weight_budget:
+        return _plan_scan(args, cfg)
+    formats = tuple(q.strip() for q in args.formats.split(",")) if args.formats else memory.FORMATS
+    if args.quant:
+        formats = (args.quant,)
+    kv = None if args.kv_dtype == "auto" else FLOAT_DTYPES[args.kv_dtype]
+    ests = memory.fitting(cfg, formats, context=args.max_model_len,
+                          concurrency=args.concurrency, memory=budget, kv_dtype=kv)
+    if args.json:
+        print(json.dumps({"estimates": [e.to_json() for e in ests]}, indent=2))
+    else:
+        print(memory.format_table(ests))
+    return 0
+
+
+SCAN_FORMATS = "int4,int4-g32,int8,nf4"
+
+
+def _plan_scan(args: argparse.Namespace, cfg: EngineConfig) -> int:
+    """`nibble plan --scan` and/or `--weight-budget`: measure, then plan under the budget."""
+    import dataclasses
+    from pathlib import Path
+
+    from engine import sensitivity
+    from engine.plan import fmt_bytes, parse_bytes
+
+    budget = parse_bytes(args.weight_budget) if args.weight_budget else None
+    if args.scan and args.from_scan:
+        raise ConfigError("give --scan (measure now) or --from-scan FILE (an earlier scan), "
+                          "not both")
+    if not args.scan and not args.from_scan:
+        raise ConfigError("--weight-budget plans from a scan: add --scan, or --from-scan FILE")
+    if args.from_scan:
+        try:
+            scan = sensitivity.Scan.from_json(args.from_scan.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read the scan {args.from_scan}: {exc.strerror}") from None
+    else:
+        if cfg.quant or cfg.rules:
+            raise ConfigError("--scan quantizes one module group at a time from the 16-bit "
+                              "model; drop --quant and --rule (list the candidates in --formats)")
+        if args.calib != "builtin" and not Path(args.calib).is_file():
+            raise ConfigError(f"cannot read the calibration text {args.calib!r}: no such file "
+                              "(or give 'builtin')")
+        if args.calib_ctx < 16 or args.calib_tokens < 2 * args.calib_ctx:
+            raise ConfigError(f"--calib-tokens {args.calib_tokens} must hold at least two "
+                              f"chunks of --calib-ctx {args.calib_ctx} (at least 16) tokens")
+        # the scan goes to --out, or beside the plan that --out names
+        scan_dir = Path("nibble-scan") if args.out is None else \
+            args.out.with_name(args.out.stem + "-scan") if budget else args.out
+        if scan_dir.exists() and not scan_dir.is_dir():
+            raise ConfigError(f"{scan_dir} exists and is not a directory")
+        scan = _run_scan(args, dataclasses.replace(cfg, quant="fp32", rules=()), scan_dir)
+        print(f"wrote {scan_dir / 'scan.json'} and {scan_dir / 'scan.png'}", file=sys.stderr)
+    if budget is None:
+        return 0
+    out = args.out or Path("plan.toml")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; give the plan's file name, e.g. plan.toml")
+    result = sensitivity.plan(scan, budget)
+    sensitivity.write_plan(out, scan.model, result, [
+        f"scan: {len(scan.modules)} modules x {', '.join(scan.formats)}, {scan.scored_tokens} "
+        f"tokens of {scan.calibration or 'calibration text'}"])
+    counts = ", ".join(f"{n} {f}" for f, n in
+                       sorted(_count(result.assignment).items(), key=lambda kv: -kv[1]))
+    print(f"plan: weights {fmt_bytes(result.nbytes)} of {fmt_bytes(budget)} ({counts}); predicted "
+          f"KLD {result.kld:.4f} (each module's KLD measured alone, summed)")
+    print(f"wrote {out}; measure it: nibble compare --a bf16 --b {out}")
+    return 0
+
+
+def _count(assignment: dict[str, str]) -> dict[str, int]:
+    import collections
+
+    return dict(collections.Counter(assignment.values()))
+
+
+def _run_scan(args: argparse.Namespace, cfg: EngineConfig, out):
+    import dataclasses
+
+    from engine import sensitivity
+    from engine.eval.texts import calibration_text, corpus_chunks
+    from engine.llm import LLM
+    from engine.sensitivity.plot import write_scan_png
+
+    formats = [f.strip() for f in (args.formats or SCAN_FORMATS).split(",") if f.strip()]
+    text, name = calibration_text(args.calib)
+    # the reference: the 16-bit weights in fp32 (exact, and CPUs without bf16 units emulate
+    # bf16 matmuls); KV for the chunks only
+    llm = LLM(config=dataclasses.replace(cfg, max_model_len=args.calib_ctx,
+                                         max_num_batched_tokens=max(args.calib_ctx, 512)))
+    chunks = corpus_chunks(llm.tokenizer, text, args.calib_ctx, args.calib_tokens // args.calib_ctx)
+    scan = sensitivity.scan(llm, chunks, formats, calibration=name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scan.json").write_text(scan.to_json(), encoding="utf-8")
+    write_scan_png(out / "scan.png", scan)
+    print(scan.to_json() if args.json else sensitivity.format_table(scan))
+    return scan
 
 
 def variant_config(text: str, base: EngineConfig) -> tuple[str, EngineConfig]:

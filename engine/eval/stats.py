@@ -60,6 +60,21 @@ def score_continuation(score_a, score_b, prompt: list[int], completion: list[int
     return token_stats(score_a(ids)[rows], score_b(ids)[rows], torch.tensor(completion))
 
 
+def resample_index(n_chunks: int) -> torch.Tensor:
+    """[BOOTSTRAP_REPS, n_chunks] chunk indices of the bootstrap resamples; seeded, so every
+    quantity resampled with it is paired (takes the same chunks)."""
+    g = torch.Generator().manual_seed(BOOTSTRAP_SEED)
+    return torch.randint(0, n_chunks, (BOOTSTRAP_REPS, n_chunks), generator=g)
+
+
+def mean_ci95(chunk_means: torch.Tensor, weights: torch.Tensor) -> list[float]:
+    """95% bootstrap interval of the weighted mean of per-chunk means [C] (weights: scored
+    tokens per chunk), resampled as summarize does."""
+    idx = resample_index(len(chunk_means))
+    w = weights.double()[idx]
+    return _ci((chunk_means.double()[idx] * w).sum(1) / w.sum(1))
+
+
 def _ci(samples: torch.Tensor) -> list[float]:
     return [samples.quantile(0.025).item(), samples.quantile(0.975).item()]
 
@@ -77,8 +92,7 @@ def summarize(chunks: list[TokenStats]) -> dict:
         "nll_b": torch.stack([c.nll_b.mean() for c in chunks]),
     }
     weights = torch.tensor([len(c.kld) for c in chunks], dtype=torch.float64)
-    g = torch.Generator().manual_seed(BOOTSTRAP_SEED)
-    idx = torch.randint(0, len(chunks), (BOOTSTRAP_REPS, len(chunks)), generator=g)
+    idx = resample_index(len(chunks))
     w = weights[idx]
 
     def boot(values: torch.Tensor) -> torch.Tensor:  # weighted mean per resample

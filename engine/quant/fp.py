@@ -37,7 +37,7 @@ class FloatMethod(StoredMethod):
         self.extra_bytes = 0
         if self._fp16_gemm is not None:
             if self.shared:
-                self.extra_bytes = self.weight.numel() * 2
+                self.extra_bytes = cpu.fp16_gemm_bytes(*self.weight.shape)
             else:
                 self.weight, self.stored = None, {}
 

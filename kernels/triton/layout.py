@@ -94,3 +94,20 @@ def dequantize(fmt: str, t: Mapping[str, Tensor], K: int, group_size: int | None
     if fmt in CODE_OFFSET:
         return q.float() * s + reference.expand_groups(t["offsets"].T.float(), K, group_size)
     return t["codebook"][q] * s
+
+
+def layout_bytes(fmt: str, N: int, K: int, group_size: int | None, act_dtype: torch.dtype) -> int:
+    """Bytes `repack` keeps for a [N, K] weight, from shapes alone (engine/plan.py's estimate;
+    tested against real layouts)."""
+    act = act_dtype.itemsize
+    if fmt == "int8":
+        return K * N + 4 * N
+    G = -(-K // group_size)
+    if fmt == "int8g":
+        return K * N + 2 * G * N * act
+    words = -(-K // 8) * N * 4
+    if fmt == "int4":
+        return words + 2 * G * N * act
+    if fmt == "nf4":
+        return words + G * N * act + reference.NF4_CODEBOOK.numel() * 4
+    raise ValueError(f"no Triton layout for format {fmt!r}")
