@@ -37,7 +37,9 @@ from engine.errors import ConfigError
 # nf4 loads, with and without load-time tuning). 2 cores of an AMD EPYC, torch 2.13.
 RUNTIME_FIXED = 20 * 2**20
 RUNTIME_PER_TOKEN = 950
-# A CUDA context (the driver's code and state on the GPU) before any tensor is allocated.
+# A CUDA context (the driver's code and state on the GPU) before any tensor is allocated: an
+# allowance, not a measurement (no GPU has run nibble yet); the CUDA estimate's other parts
+# are the Triton layouts' byte counts, tested on CPU.
 CUDA_CONTEXT = 500 * 2**20
 
 FORMATS = ("bf16", "int8", "int4", "int4-g32", "nf4")  # the table's rows unless asked otherwise
