@@ -223,14 +223,16 @@ def _activations(mc: ModelConfig, cfg: EngineConfig, max_len: int, act: torch.dt
     """The largest forward pass: `max_num_batched_tokens` rows through one layer at a time
     (residual, normed input, q|k|v, attention output, gate|up, their product; fp32 plus a copy
     in the activation dtype for each linear input), the keys and values one sequence's
-    attention gathers, and the logits of the sampled rows."""
+    attention gathers, and the logits of every row with their log-softmax, which a request for
+    prompt logprobs (echo, as lm-eval sends) takes. Not counted: `score` for compare and the
+    shadow, which holds [tokens, vocab] fp32 logits of a whole sequence."""
     rows = cfg.max_num_batched_tokens
     f32 = 4
     width = (3 * mc.hidden_size + mc.q_size + 2 * mc.kv_size + mc.q_size
              + 3 * mc.intermediate_size) * f32
     width += (mc.hidden_size + mc.q_size + mc.intermediate_size) * act.itemsize
     gathered = 2 * max_len * mc.kv_size * f32
-    logits = 2 * min(rows, cfg.max_num_seqs) * mc.vocab_size * f32
+    logits = 2 * rows * mc.vocab_size * f32
     return rows * width + gathered + logits
 
 
