@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,7 +93,7 @@ def main() -> None:
                    "ppl_ratio": tf["ppl_ratio"]["value"], "seconds": round(time.perf_counter() - start, 1)}
             if plan is not None:
                 row.update(budget=plan.budget, predicted_kld=plan.kld,
-                           formats=_counts(plan.assignment))
+                           formats=dict(Counter(plan.assignment.values()).most_common()))
             rows.append(row)
             print(f"{label}: {row['weight_bytes'] / 2**20:.2f} MiB, KLD {row['kld']:.4f} "
                   f"{row['kld_ci95']}", file=sys.stderr, flush=True)
@@ -115,13 +116,6 @@ def main() -> None:
                      f"{', '.join(f'{n} {f}' for f, n in r.get('formats', {}).items()) or '-'} |")
     out = write_report(report, args.out, "plan-frontier", "\n".join(lines))
     _plot(out.with_suffix(".png"), scan.model, rows)
-
-
-def _counts(assignment: dict[str, str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for fmt in assignment.values():
-        out[fmt] = out.get(fmt, 0) + 1
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def _check(scan, rows: list[dict]) -> dict | None:

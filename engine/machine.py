@@ -49,6 +49,22 @@ def memory_limit_bytes(cgroup_root: Path = Path("/sys/fs/cgroup"),
     return total
 
 
+def device_memory(device) -> int:
+    """What a device (cpu, cuda[:N]) offers: on CPU the machine's memory or a container's lower
+    limit (memory_limit_bytes), on CUDA the GPU's."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            from engine.errors import ConfigError
+
+            raise ConfigError(f"there is no CUDA device here to read {device}'s memory from; "
+                              "give the budget (nibble plan --memory 80GB)")
+        return torch.cuda.get_device_properties(device).total_memory
+    return memory_limit_bytes()
+
+
 def machine_info() -> dict:
     import torch
     import transformers

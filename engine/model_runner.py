@@ -12,7 +12,7 @@ import torch
 
 from engine.block_manager import BlockManager, BlockTable
 from engine.layers.attention import AttentionBatch, KVCache, decode_kernel_for, kv_dtype
-from engine.machine import memory_limit_bytes
+from engine.machine import device_memory
 from engine.models.llama import LlamaModel
 from engine.sampler import logprob_dicts, sample
 from engine.sequence import Sequence
@@ -29,11 +29,7 @@ def num_kv_blocks(model: LlamaModel, device: torch.device, max_model_len: int, b
     per_block = KVCache.bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads,
                                         cfg.head_dim, kv_dtype(model.policy.act_dtype, device))
     seq_blocks = -(-max_model_len // block_size)
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        total = memory_limit_bytes()
-    return kv_budget(per_block, seq_blocks, max_num_seqs, memory, total)
+    return kv_budget(per_block, seq_blocks, max_num_seqs, memory, device_memory(device))
 
 
 def kv_budget(per_block: int, seq_blocks: int, max_num_seqs: int, memory: float | None,

@@ -10,7 +10,7 @@ counted the way the engine will hold it:
   on CPU nibble's int4 layout with fp32 scales, nf4 dequantized to 16-bit, fbgemm's fp16
   copy of 16-bit layers where this machine chose it (kernels/cpu.py `prepared_bytes`); on
   CUDA the Triton layouts (kernels/triton/layout.py `layout_bytes`);
-- the KV cache for `concurrency` sequences of `context` tokens;
+- the KV cache for `concurrency` sequences of the context length (cfg.max_model_len);
 - workspace: the activations of the largest forward pass (`max_num_batched_tokens` rows), its
   logits, and the per-shape buffers of the dequantize-per-call path;
 - runtime: the tokenizer, the rotary tables and the heap a loaded engine keeps (RUNTIME_*
@@ -28,6 +28,7 @@ import torch
 
 from engine.config import FLOAT_FORMATS, EngineConfig, ModelConfig, QuantPolicy, QuantSpec
 from engine.errors import ConfigError
+from engine.machine import device_memory
 
 # What a loaded engine keeps beside its tensors, measured as the resident growth of a load
 # minus every tensor this module counts (benchmarks/load_memory.py): the tokenizer, which grows
@@ -99,23 +100,10 @@ class Estimate:
                 "fits": self.fits}
 
 
-def device_memory(device: str) -> int:
-    """What the device offers: on CPU the machine's memory or a container's lower limit."""
-    if torch.device(device).type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"there is no CUDA device here to read {device}'s memory from; "
-                              "give the budget (nibble plan --memory 80GB)")
-        return torch.cuda.get_device_properties(torch.device(device)).total_memory
-    from engine.machine import memory_limit_bytes
-
-    return memory_limit_bytes()
-
-
-def estimate(cfg: EngineConfig, context: int | None = None, concurrency: int | None = None,
-             memory: int | None = None, kv_dtype: torch.dtype | None = None,
-             described=None) -> Estimate:
-    """The memory `LLM(config=cfg)` needs. context / concurrency: the KV cache for that many
-    sequences of that many tokens (default: what the engine reserves for cfg, engine/
+def estimate(cfg: EngineConfig, concurrency: int | None = None, memory: int | None = None,
+             kv_dtype: torch.dtype | None = None, described=None) -> Estimate:
+    """The memory `LLM(config=cfg)` needs. concurrency: the KV cache for that many sequences of
+    cfg's context length (default: what the engine reserves for cfg, engine/
     model_runner.py num_kv_blocks); memory: the budget (default: the device's)."""
     from engine import build
     from engine.layers.attention import KVCache
@@ -124,11 +112,6 @@ def estimate(cfg: EngineConfig, context: int | None = None, concurrency: int | N
     from engine.models.llama import LlamaModel, residual_dtype_for
 
     source, mc, policy, max_len = described or build.describe(cfg)
-    if context is not None:
-        if context > mc.max_position_embeddings:
-            raise ConfigError(f"--context {context} exceeds the context length "
-                              f"{mc.max_position_embeddings} of {source.name}")
-        max_len = context
     device = torch.device(cfg.device)
     total = memory or device_memory(cfg.device)
     # modules with shapes and formats but no weights: the methods hold nothing until a load,

@@ -317,6 +317,18 @@ def _int4_scales_and_zeros(
     return sz.to(act_dtype).contiguous()
 
 
+def _int4_path(K: int, group_size: int, native: bool | None = None) -> tuple[str, int]:
+    """How int4_prepare serves weights of K inputs in groups of group_size: ("dense" | "native"
+    | "op", kernel group). native None: nibble's kernel wherever it runs; False: never."""
+    kg = _int4_kernel_group(K, group_size)
+    if kg is None:
+        return "dense", 0
+    if native is not False and native_kernels.supported() is None \
+            and native_kernels.load() is not None and K % 8 == 0 and kg % 8 == 0:
+        return "native", kg
+    return "op", kg
+
+
 def int4_prepare(
     qweight: Tensor,
     scales: Tensor,
@@ -343,14 +355,13 @@ def int4_prepare(
     weight does not decode, and then the fused op serves every M), or
     {"weight": [N, K] act_dtype}.
     """
-    kg = _int4_kernel_group(K, group_size)
-    if kg is None:
+    path, kg = _int4_path(K, group_size, native)
+    if path == "dense":
         w = reference.dequantize_int4(qweight, scales, zeros, group_size, K)
         return _dense(w, act_dtype)
     N = qweight.shape[0]
     q = reference.unpack_nibbles(qweight, K).to(torch.int32)
-    mod = native_kernels.load() if native is None or native else None
-    if mod is not None and K % 8 == 0 and kg % 8 == 0:
+    if path == "native":
         return _int4_native_prepare(q, scales, zeros, group_size, K, kg, act_dtype,
                                     batch_invariant)
     sz = _int4_scales_and_zeros(scales.float(), zeros.float(), group_size, K, kg, act_dtype)
@@ -733,17 +744,6 @@ def fp16_gemm_bytes(N: int, K: int) -> int:
     """Bytes of fbgemm's packed fp16 copy of a [N, K] weight."""
     cols = 32 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 16
     return -(-K // _FBGEMM_ROW_BLOCK) * _FBGEMM_ROW_BLOCK * -(-N // cols) * cols * 2
-
-
-def _int4_path(K: int, group_size: int) -> tuple[str, int]:
-    """("dense" | "native" | "op", kernel group) as int4_prepare decides it."""
-    kg = _int4_kernel_group(K, group_size)
-    if kg is None:
-        return "dense", 0
-    if native_kernels.supported() is None and native_kernels.load() is not None \
-            and K % 8 == 0 and kg % 8 == 0:
-        return "native", kg
-    return "op", kg
 
 
 def prepared_bytes(fmt: str, N: int, K: int, group_size: int | None,

@@ -240,8 +240,7 @@ def plan(args: argparse.Namespace, cfg: EngineConfig) -> int:
     if args.quant:
         formats = (args.quant,)
     kv = None if args.kv_dtype == "auto" else FLOAT_DTYPES[args.kv_dtype]
-    ests = memory.fitting(cfg, formats, context=args.max_model_len,
-                          concurrency=args.concurrency, memory=budget, kv_dtype=kv)
+    ests = memory.fitting(cfg, formats, concurrency=args.concurrency, memory=budget, kv_dtype=kv)
     if args.json:
         print(json.dumps({"estimates": [e.to_json() for e in ests]}, indent=2))
     else:
@@ -255,6 +254,7 @@ SCAN_FORMATS = "int4,int4-g32,int8,nf4"
 def _plan_scan(args: argparse.Namespace, cfg: EngineConfig) -> int:
     """`nibble plan --scan` and/or `--weight-budget`: measure, then plan under the budget."""
     import dataclasses
+    from collections import Counter
     from pathlib import Path
 
     from engine import sensitivity
@@ -297,18 +297,11 @@ def _plan_scan(args: argparse.Namespace, cfg: EngineConfig) -> int:
     sensitivity.write_plan(out, scan.model, result, [
         f"scan: {len(scan.modules)} modules x {', '.join(scan.formats)}, {scan.scored_tokens} "
         f"tokens of {scan.calibration or 'calibration text'}"])
-    counts = ", ".join(f"{n} {f}" for f, n in
-                       sorted(_count(result.assignment).items(), key=lambda kv: -kv[1]))
+    counts = ", ".join(f"{n} {f}" for f, n in Counter(result.assignment.values()).most_common())
     print(f"plan: weights {fmt_bytes(result.nbytes)} of {fmt_bytes(budget)} ({counts}); predicted "
           f"KLD {result.kld:.4f} (each module's KLD measured alone, summed)")
     print(f"wrote {out}; measure it: nibble compare --a bf16 --b {out}")
     return 0
-
-
-def _count(assignment: dict[str, str]) -> dict[str, int]:
-    import collections
-
-    return dict(collections.Counter(assignment.values()))
 
 
 def _run_scan(args: argparse.Namespace, cfg: EngineConfig, out):

@@ -119,7 +119,7 @@ def test_plan_table_and_json(capsys):
     for e in rows.values():  # each row is the sum of its parts, judged against the budget
         assert e["peak"] == e["weights"] + e["kernels"] + e["kv_cache"] + e["workspace"] + e["runtime"]
         assert e["fits"] == (e["peak"] <= 700 * 2**20)
-    assert plan.estimate(cfg, context=2048, concurrency=4).kv_cache == rows["bf16"]["kv_cache"]
+    assert plan.estimate(cfg, concurrency=4).kv_cache == rows["bf16"]["kv_cache"]
 
 
 def test_scan_then_plan_from_the_command_line(tiny_llama, tmp_path, capsys):
