@@ -14,15 +14,18 @@ from typing import Any
 import torch
 
 from engine.errors import ConfigError
+from kernels import formats
 
 FLOAT_FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANT_FORMATS = ("int8", "int4", "nf4")
-DEFAULT_GROUP = {"int4": 128, "nf4": 64}
 VALID_GROUPS = (32, 64, 128)
-QUANT_EXAMPLES = ("fp32, bf16, fp16, int8, int8-g32, int4, int4-g32, int4-g64, int4-sym, nf4, "
-                  "nf4-g32, gguf")
 # `--quant gguf`: a GGUF file served on its own blocks (the policy comes from the file)
 GGUF_NATIVE = "gguf"
+
+
+def quant_examples() -> str:
+    """Every spelling `--quant` takes, for errors and help: the float formats, each registered
+    format's examples (kernels/formats.py), and gguf."""
+    return ", ".join([*FLOAT_FORMATS, *formats.examples(), GGUF_NATIVE])
 
 
 def _suggest(word: str, choices: list[str]) -> str:
@@ -44,17 +47,21 @@ class QuantSpec:
         base, *opts = raw.split("-")
         if base in FLOAT_FORMATS and not opts:
             return cls(base)
-        if base not in QUANT_FORMATS:
+        fmt = formats.by_family(base)
+        if fmt is None:
+            examples = quant_examples()
             raise ConfigError(
-                f"unknown quantization {text!r}.{_suggest(raw, QUANT_EXAMPLES.split(', '))}"
-                f" Valid: {QUANT_EXAMPLES}."
+                f"unknown quantization {text!r}.{_suggest(raw, examples.split(', '))}"
+                f" Valid: {examples}."
             )
-        group, symmetric = DEFAULT_GROUP.get(base), base == "int8"
+        group, symmetric = fmt.default_group, fmt.symmetric
         for opt in opts:
-            if opt == "sym" and base == "int4":
+            if opt == "sym" and fmt.sym_option:
                 symmetric = True
-            elif re.fullmatch(r"g\d+", opt):
-                group, symmetric = int(opt[1:]), symmetric and base != "int8"
+            elif re.fullmatch(r"g\d+", opt) and (fmt.grouped or fmt.group_format):
+                group = int(opt[1:])
+                if fmt.group_format:  # a group size selects another layout (int8 -> int8g)
+                    symmetric = formats.get(fmt.group_format).symmetric
                 if group not in VALID_GROUPS:
                     raise ConfigError(
                         f"group size {group} in {text!r} is not supported; use one of "
@@ -62,7 +69,7 @@ class QuantSpec:
                     )
             else:
                 raise ConfigError(
-                    f"unknown option {opt!r} in quantization {text!r}. Valid: {QUANT_EXAMPLES}."
+                    f"unknown option {opt!r} in quantization {text!r}. Valid: {quant_examples()}."
                 )
         return cls(base, group, symmetric)
 
@@ -72,14 +79,19 @@ class QuantSpec:
 
     @property
     def format(self) -> str:
-        """The storage format's registry name: group-wise int8 ("int8g") is its own layout."""
-        return "int8g" if self.method == "int8" and self.group_size else self.method
+        """The storage format's registry name (kernels/formats.py): the method, or the layout a
+        group size selects (group-wise int8 is "int8g")."""
+        if self.is_float:
+            return self.method
+        fmt = formats.by_family(self.method)
+        return fmt.group_format if fmt.group_format and self.group_size else fmt.name
 
     def __str__(self) -> str:
-        if self.is_float or self.format == "int8":
+        if self.is_float or self.group_size is None:
             return self.method
-        text = self.method + ("-sym" if self.symmetric else "")
-        if self.group_size == DEFAULT_GROUP.get(self.method):
+        fmt = formats.by_family(self.method)
+        text = self.method + ("-sym" if self.symmetric and fmt.sym_option else "")
+        if self.group_size == fmt.default_group:
             return text
         return f"{text}-g{self.group_size}"
 

@@ -8,8 +8,8 @@ counted the way the engine will hold it:
   the embedding's);
 - kernel layouts: what the device's kernels keep instead of (or beside) the stored tensors:
   on CPU nibble's int4 layout with fp32 scales, nf4 dequantized to 16-bit, fbgemm's fp16
-  copy of 16-bit layers where this machine chose it (kernels/cpu.py `prepared_bytes`); on
-  CUDA the Triton layouts (kernels/triton/layout.py `layout_bytes`);
+  copy of 16-bit layers where this machine chose it; on CUDA the Triton layouts (each
+  format's `cpu_bytes` and `triton_bytes`, kernels/formats.py);
 - the KV cache for `concurrency` sequences of the context length (cfg.max_model_len);
 - workspace: the activations of the largest forward pass (`max_num_batched_tokens` rows), its
   logits, and the per-shape buffers of the dequantize-per-call path;
@@ -160,10 +160,11 @@ def _weights(model, policy: QuantPolicy, device: torch.device) -> tuple[int, int
 
 def _stored_bytes(method) -> int:
     """The stored tensors' bytes: each method's shapes (what `load` checks) in the dtypes its
-    `quantize` writes (read off one quantized row)."""
+    `quantize` writes (read off one quantized row; an optional tensor that only calibration
+    writes, such as w8a8's 4-byte input scale, is not counted)."""
     dtypes = _stored_dtypes(method.spec, method.in_features)
     return sum(math.prod(shape) * dtypes[k].itemsize
-               for k, shape in method.expected_shapes().items())
+               for k, shape in method.expected_shapes().items() if k in dtypes)
 
 
 _DTYPES: dict[tuple, dict[str, torch.dtype]] = {}
@@ -192,14 +193,13 @@ def _held_bytes(spec: QuantSpec, N: int, K: int, act: torch.dtype, device: torch
         if packed:  # fbgemm's copy: beside the embedding it shares, or instead of the weight
             return cpu.fp16_gemm_bytes(N, K), {}
         return (0 if shared else nbytes), {}
+    from kernels import formats
+
+    fmt = formats.get(spec.format)
     if device.type == "cuda":
-        from kernels.triton.layout import layout_bytes
-
-        return layout_bytes(spec.format, N, K, spec.group_size, act), {}
-    from kernels import cpu
-
-    return (cpu.prepared_bytes(spec.format, N, K, spec.group_size, act),
-            cpu.scratch_buffers(spec.format, N, K, spec.group_size, act))
+        return fmt.triton_bytes(N, K, spec.group_size, act), {}
+    return (fmt.cpu_bytes(N, K, spec.group_size, act),
+            fmt.cpu_scratch(N, K, spec.group_size, act))
 
 
 def _activations(mc: ModelConfig, cfg: EngineConfig, max_len: int, act: torch.dtype) -> int:

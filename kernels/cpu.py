@@ -1,9 +1,10 @@
 """CPU kernels: PyTorch's fused low-bit ops, with a one-time prepare per format.
 
 Each format has `<fmt>_prepare(...)`, run once at load, which repacks the stored tensors
-(kernels/reference.py describes the formats) into a `Prepared` dict, and `<fmt>_linear(x,
-prepared, bias)`, which only launches kernels.  x is [..., K] in the activation dtype given
-to prepare; the output is [..., N] in that dtype.
+(kernels/reference.py describes the formats) into one of the typed layouts below (a
+`CpuLayout`: `Dense`, `Fp16Gemm`, `Int4Op`, `Int4Native`, `Int8Op`, `Int8Group`); per call
+`linear(x, prepared, bias)` (the layout's own `linear`) only launches kernels.  x is [..., K]
+in the activation dtype given to prepare; the output is [..., N] in that dtype.
 
 Op constraints (torch 2.13 CPU, probed on AVX512 and checked by tests/kernels/test_cpu.py):
 
@@ -74,7 +75,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +88,6 @@ from kernels import reference, tuning_cache
 
 log = logging.getLogger("nibble.kernels")
 
-# Tensors plus a few ints (sizes); never strings or config objects.
-Prepared = dict[str, Tensor | int | None]
 
 DENSE_PROBE_M = (64, 128, 256, 512)
 
@@ -124,32 +123,63 @@ def _finish(y: Tensor, lead: torch.Size, N: int, bias: Tensor | None) -> Tensor:
     return y.view(*lead, N)
 
 
-def _dense(w: Tensor, act_dtype: torch.dtype) -> Prepared:
-    """Fallback: float32 [N, K] dequantized weights -> {"weight": [N, K] act_dtype}."""
-    return {"weight": w.to(act_dtype).contiguous()}
+class CpuLayout:
+    """What a CPU prepare returns: the tensors a layer's kernel reads, plus sizes.
+
+    `linear(x, bias)` computes x [..., K] -> [..., N]; `path(M)` names the path a call with M
+    rows takes ("cpu-dense": 16-bit weights, or dequantize per call at this M; "cpu-native":
+    nibble's kernels/csrc; "cpu-fused": PyTorch's fused op)."""
+
+    fused_label = "cpu-fused"
+    # the smallest M from which the dequantize-per-call path serves (measured at prepare), or
+    # None: the fused path at every M
+    dense_from: int | None = None
+
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def path(self, M: int) -> str:
+        start = self.dense_from
+        return "cpu-dense" if start is not None and start <= M else self.fused_label
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor the layout holds (its resident bytes)."""
+        return [v for f in fields(self) if isinstance(v := getattr(self, f.name), Tensor)]
 
 
-def _dense_linear(x: Tensor, prepared: Prepared, bias: Tensor | None, fmt: str) -> Tensor:
-    w = prepared["weight"]
-    N, K = w.shape
-    y = F.linear(_rows(x, K, w.dtype, fmt), w)
-    return _finish(y, x.shape[:-1], N, bias)
+@dataclass
+class Dense(CpuLayout):
+    """Fallback: dequantized weights [N, K] in the activation dtype, through F.linear."""
+
+    weight: Tensor
+    fmt: str
+
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        N, K = self.weight.shape
+        y = F.linear(_rows(x, K, self.weight.dtype, self.fmt), self.weight)
+        return _finish(y, x.shape[:-1], N, bias)
+
+    def path(self, M: int) -> str:
+        return "cpu-dense"
 
 
-def is_dense(prepared: Prepared) -> bool:
+def _dense(w: Tensor, act_dtype: torch.dtype, fmt: str) -> Dense:
+    """float32 [N, K] dequantized weights -> Dense in act_dtype."""
+    return Dense(w.to(act_dtype).contiguous(), fmt)
+
+
+def is_dense(prepared: CpuLayout) -> bool:
     """True when prepare fell back to dequantized 16-bit weights (nf4 always does)."""
-    return "weight" in prepared
+    return isinstance(prepared, Dense | Fp16Gemm)
 
 
-def path(prepared: Prepared, M: int) -> str:
-    """"cpu-dense" (16-bit weights, or dequantize per call at this M), "cpu-native" (int4
-    through kernels/csrc) or "cpu-fused" (PyTorch's fused op)."""
-    if is_dense(prepared) or "codes" in prepared:
-        return "cpu-dense"
-    start = prepared.get("dense_from")
-    if start is not None and start <= M:
-        return "cpu-dense"
-    return "cpu-native" if "native" in prepared else "cpu-fused"
+def linear(x: Tensor, prepared: CpuLayout, bias: Tensor | None = None) -> Tensor:
+    """x [..., K] act_dtype -> [..., N] act_dtype, for every CPU layout."""
+    return prepared.linear(x, bias)
+
+
+def path(prepared: CpuLayout, M: int) -> str:
+    return prepared.path(M)
 
 
 _SCRATCH: dict[tuple, Tensor] = {}
@@ -290,6 +320,24 @@ def fp16_gemm(x: Tensor, packed: Any, bias: Tensor | None = None) -> Tensor:
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+@dataclass
+class Fp16Gemm(CpuLayout):
+    """16-bit weights held only as fbgemm's packed fp16 copy (fp16_gemm_prepare)."""
+
+    packed: Any
+    N: int
+    K: int
+    fmt: str
+
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        if x.shape[-1] != self.K:
+            raise ValueError(f"{self.fmt} linear expects x[..., {self.K}], got {tuple(x.shape)}")
+        return fp16_gemm(x, self.packed, bias)
+
+    def path(self, M: int) -> str:
+        return "cpu-dense"
+
+
 def _dense_rows(x2: Tensor, w_t: Tensor, N: int) -> Tensor:
     """x2 [M, K] @ fp32 W^T [K, >=N] -> [M, N] in x2's dtype."""
     y = torch.mm(x2.float(), w_t)
@@ -338,27 +386,18 @@ def int4_prepare(
     act_dtype: torch.dtype = torch.bfloat16,
     batch_invariant: bool = False,
     native: bool | None = None,
-) -> Prepared:
+) -> Dense | Int4Op | Int4Native:
     """Repack int4 weights for nibble's AVX2 kernel where it runs (native None: wherever
     kernels.native loads; False: never), else for PyTorch's fused CPU op (or dequantize, see
     the module docstring).
 
-    The native kernel's form: {"native": int32 [Np/8, K/8, 8], "scale", "bias": float32
-    [K/kg, Np], "group_size": kg, "N": N, "dense_from": M or None} with Np = N rounded up
-    to 8 (kernels/csrc/int4_cpu.cpp describes the layout) and "act", an empty tensor of the
-    activations' dtype. Otherwise:
-
-    qweight uint8 [N, ceil(K/2)], scales/zeros float32 [N, ceil(K/group_size)].
-    Returns {"packed": uint8 [Np, K/2], "scales_and_zeros": [K/kg, Np, 2] act_dtype,
-    "group_size": kg, "N": N, "dense_from": M or None, "pack_block", "pack_halves"} with
-    Np = N rounded up to 16 and the pack layout's fields (Int4PackLayout; None where this
-    weight does not decode, and then the fused op serves every M), or
-    {"weight": [N, K] act_dtype}.
+    qweight uint8 [N, ceil(K/2)], scales/zeros float32 [N, ceil(K/group_size)] -> Int4Native
+    (the native kernel's layout), Int4Op (PyTorch's op), or Dense.
     """
     path, kg = _int4_path(K, group_size, native)
     if path == "dense":
         w = reference.dequantize_int4(qweight, scales, zeros, group_size, K)
-        return _dense(w, act_dtype)
+        return _dense(w, act_dtype, "int4")
     N = qweight.shape[0]
     q = reference.unpack_nibbles(qweight, K).to(torch.int32)
     if path == "native":
@@ -371,22 +410,21 @@ def int4_prepare(
         q = torch.cat([q, q.new_full((pad, K), 8)])
         sz = torch.cat([sz, sz.new_zeros(sz.shape[0], pad, 2)], dim=1)
     packed = _int4_pack(q)
-    prepared: Prepared = {"packed": packed, "scales_and_zeros": sz, "group_size": kg, "N": N,
-                          "dense_from": None, "pack_block": None, "pack_halves": None}
+    prepared = Int4Op(packed, sz, kg, N)
     layout = int4_pack_layout()
     # The guard: the dense path reads the codes back out of the packed bytes, so it is only
     # offered where this very weight decodes to its codes (a PyTorch whose packer changed
     # keeps the fused op alone, and stays correct).
     if layout is not None and torch.equal(_int4_codes_t(packed, layout), q.T):
-        prepared["pack_block"], prepared["pack_halves"] = layout.block, int(layout.halves)
-        prepared["dense_from"] = _dense_from(
-            ("int4", K, N, kg, act_dtype), lambda x: _int4_fused(x, prepared),
-            lambda x: _dense_rows(x, _int4_dense_t(prepared), N), K, act_dtype, batch_invariant)
+        prepared.pack = layout
+        prepared.dense_from = _dense_from(
+            ("int4", K, N, kg, act_dtype), prepared.fused,
+            lambda x: _dense_rows(x, prepared.dense_t(), N), K, act_dtype, batch_invariant)
     return prepared
 
 
 def _int4_native_prepare(q: Tensor, scales: Tensor, zeros: Tensor, group_size: int, K: int,
-                         kg: int, act_dtype: torch.dtype, batch_invariant: bool) -> Prepared:
+                         kg: int, act_dtype: torch.dtype, batch_invariant: bool) -> Int4Native:
     """codes int32 [N, K] -> the native kernel's layout, with W = q * scale + bias per kernel
     group (bias = zero - 8 * scale: the same weights as PyTorch's (q - 8) * scale + zero, with
     the stored fp32 scales)."""
@@ -401,31 +439,94 @@ def _int4_native_prepare(q: Tensor, scales: Tensor, zeros: Tensor, group_size: i
     # word (b, c) lane j: the codes of column 8b + j at k = 8c .. 8c + 7, code i at bits 4i..
     c = q.to(torch.uint8).view(Np // 8, 8, K // 8, 8).permute(0, 2, 1, 3)
     words = (c[..., 0::2] | (c[..., 1::2] << 4)).contiguous().view(torch.int32)
-    prepared: Prepared = {"native": words.view(Np // 8, K // 8, 8),
-                          "scale": scale.T.contiguous(), "bias": (zero - 8 * scale).T.contiguous(),
-                          "group_size": kg, "N": N, "dense_from": None,
-                          "act": torch.empty(0, dtype=act_dtype)}  # the activations' dtype
-    prepared["dense_from"] = _dense_from(
-        ("int4-native", native_kernels.source_digest(), K, N, kg, act_dtype),
-        lambda x: _int4_native(x, prepared),
-        lambda x: _dense_rows(x, _int4_native_dense_t(prepared), N), K, act_dtype,
-        batch_invariant)
+    prepared = Int4Native(words.view(Np // 8, K // 8, 8), scale.T.contiguous(),
+                          (zero - 8 * scale).T.contiguous(), kg, N, act_dtype)
+    prepared.dense_from = _dense_from(
+        ("int4-native", native_kernels.source_digest(), K, N, kg, act_dtype), prepared.fused,
+        lambda x: _dense_rows(x, prepared.dense_t(), N), K, act_dtype, batch_invariant)
     return prepared
 
 
-def _int4_native(x2: Tensor, prepared: Prepared) -> Tensor:
-    return native_kernels.load().int4_linear(x2, prepared["native"], prepared["scale"],
-                                             prepared["bias"], prepared["group_size"],
-                                             prepared["N"], False)
+@dataclass
+class _Int4Layout(CpuLayout):
+    """What both int4 layouts share: per call, the fused kernel below the measured crossover,
+    else dequantize into fp32 scratch and one fp32 GEMM."""
+
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        x2 = _rows(x, self.K, self.act_dtype, "int4")
+        if self.path(x2.shape[0]) == "cpu-dense":
+            return _finish(_dense_rows(x2, self.dense_t(), self.N), x.shape[:-1], self.N, bias)
+        return _finish(self.fused(x2), x.shape[:-1], self.N, bias)
 
 
-def _int4_native_dense_t(prepared: Prepared) -> Tensor:
-    """fp32 W^T [K, Np] from the native layout, into a shared scratch buffer."""
-    words = prepared["native"]
-    out = _scratch("int4-dense", (words.shape[1] * 8, words.shape[0] * 8), torch.float32)
-    native_kernels.load().int4_dequantize_t(words, prepared["scale"], prepared["bias"],
-                                            prepared["group_size"], out)
-    return out
+@dataclass
+class Int4Native(_Int4Layout):
+    """nibble's AVX2 int4 kernel (kernels/csrc/int4_cpu.cpp describes the layout): `native`
+    int32 [Np/8, K/8, 8] with Np = N rounded up to 8, W = q * scale + bias per kernel group
+    (`scale`, `bias` float32 [K/kg, Np])."""
+
+    native: Tensor
+    scale: Tensor
+    bias: Tensor
+    group_size: int  # the kernel group kg
+    N: int
+    act_dtype: torch.dtype
+    dense_from: int | None = None
+    fused_label = "cpu-native"
+
+    @property
+    def K(self) -> int:
+        return self.native.shape[1] * 8
+
+    def fused(self, x2: Tensor) -> Tensor:
+        return native_kernels.load().int4_linear(x2, self.native, self.scale, self.bias,
+                                                 self.group_size, self.N, False)
+
+    def dense_t(self) -> Tensor:
+        """fp32 W^T [K, Np] from the native layout, into a shared scratch buffer."""
+        words = self.native
+        out = _scratch("int4-dense", (words.shape[1] * 8, words.shape[0] * 8), torch.float32)
+        native_kernels.load().int4_dequantize_t(words, self.scale, self.bias, self.group_size,
+                                                out)
+        return out
+
+
+@dataclass
+class Int4Op(_Int4Layout):
+    """PyTorch's fused op: `packed` uint8 [Np, K/2] with Np = N rounded up to 16,
+    `scales_and_zeros` [K/kg, Np, 2] in the activation dtype. `pack` is the packer's layout
+    (Int4PackLayout), or None where this weight does not decode, and then the fused op serves
+    every M."""
+
+    packed: Tensor
+    scales_and_zeros: Tensor
+    group_size: int  # the kernel group kg
+    N: int
+    dense_from: int | None = None
+    pack: Int4PackLayout | None = None
+
+    @property
+    def K(self) -> int:
+        return self.packed.shape[1] * 2
+
+    @property
+    def act_dtype(self) -> torch.dtype:
+        return self.scales_and_zeros.dtype
+
+    def fused(self, x2: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2, self.packed, self.group_size, self.scales_and_zeros)
+
+    def dense_t(self) -> Tensor:
+        """fp32 W^T [K, Np] dequantized from the packed codes into a shared scratch buffer."""
+        if self.pack is None:
+            raise RuntimeError("this int4 weight has no dense path: its pack layout is unknown")
+        packed, sz, kg = self.packed, self.scales_and_zeros, self.group_size
+        Np, K = packed.shape[0], packed.shape[1] * 2
+        w = _int4_codes_into(packed, self.pack, _scratch("int4-dense", (K, Np), torch.float32))
+        w3 = w.view(K // kg, kg, Np)  # W = (q - 8) * scale + zero, per kernel group
+        w3.sub_(8).mul_(sz[:, None, :, 0]).add_(sz[:, None, :, 1])
+        return w
 
 
 def _int4_pack(q: Tensor) -> Tensor:
@@ -481,12 +582,6 @@ def int4_pack_layout() -> Int4PackLayout | None:
     return None
 
 
-def _layout_of(prepared: Prepared) -> Int4PackLayout:
-    if prepared["pack_block"] is None:
-        raise RuntimeError("this int4 weight has no dense path: its pack layout is unknown")
-    return Int4PackLayout(prepared["pack_block"], bool(prepared["pack_halves"]))
-
-
 def _unpack_rows(b: Tensor, halves: bool, out: Tensor) -> None:
     """b uint8 [..., R/2] (one byte row of a block) -> out uint8 [..., R]: row r's code at r."""
     half = b.shape[-1]
@@ -535,39 +630,6 @@ def _int4_codes_t(packed: Tensor, layout: Int4PackLayout) -> Tensor:
     return _int4_codes_into(packed, layout, torch.empty(K, Np, dtype=torch.int32), scratch=False)
 
 
-def _int4_dense_t(prepared: Prepared) -> Tensor:
-    """fp32 W^T [K, Np] dequantized from the packed codes into a shared scratch buffer."""
-    packed, sz, kg = prepared["packed"], prepared["scales_and_zeros"], prepared["group_size"]
-    Np, K = packed.shape[0], packed.shape[1] * 2
-    w = _int4_codes_into(packed, _layout_of(prepared),
-                         _scratch("int4-dense", (K, Np), torch.float32))
-    w3 = w.view(K // kg, kg, Np)  # W = (q - 8) * scale + zero, per kernel group
-    w3.sub_(8).mul_(sz[:, None, :, 0]).add_(sz[:, None, :, 1])
-    return w
-
-
-def _int4_fused(x2: Tensor, prepared: Prepared) -> Tensor:
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x2, prepared["packed"], prepared["group_size"], prepared["scales_and_zeros"])
-
-
-def int4_linear(x: Tensor, prepared: Prepared, bias: Tensor | None = None) -> Tensor:
-    """x [..., K] act_dtype -> [..., N] act_dtype."""
-    if is_dense(prepared):
-        return _dense_linear(x, prepared, bias, "int4")
-    if "native" in prepared:
-        K, act, fused, dense_t = (prepared["native"].shape[1] * 8, prepared["act"].dtype,
-                                  _int4_native, _int4_native_dense_t)
-    else:
-        K, act, fused, dense_t = (prepared["packed"].shape[1] * 2,
-                                  prepared["scales_and_zeros"].dtype, _int4_fused, _int4_dense_t)
-    N = prepared["N"]
-    x2 = _rows(x, K, act, "int4")
-    if path(prepared, x2.shape[0]) == "cpu-dense":
-        return _finish(_dense_rows(x2, dense_t(prepared), N), x.shape[:-1], N, bias)
-    return _finish(fused(x2, prepared), x.shape[:-1], N, bias)
-
-
 # ---------------------------------------------------------------------------------------------
 # int8: aten._weight_int8pack_mm
 # ---------------------------------------------------------------------------------------------
@@ -576,49 +638,51 @@ def int4_linear(x: Tensor, prepared: Prepared, bias: Tensor | None = None) -> Te
 def int8_prepare(
     qweight: Tensor, scales: Tensor, act_dtype: torch.dtype = torch.bfloat16,
     batch_invariant: bool = False,
-) -> Prepared:
-    """qweight int8 [N, K], scales float32 [N] -> {"qweight", "scales" act_dtype [N]},
-    or {"weight": [N, K] act_dtype} where the op cannot serve the shape (bf16, K % 16 != 0)."""
+) -> Int8Op | Dense:
+    """qweight int8 [N, K], scales float32 [N] -> Int8Op, or Dense where the op cannot serve
+    the shape (bf16, K % 16 != 0)."""
     K = qweight.shape[1]
     if act_dtype == torch.bfloat16 and K % _INT8_BF16_K_MULTIPLE:
-        return _dense(reference.dequantize_int8(qweight, scales), act_dtype)
+        return _dense(reference.dequantize_int8(qweight, scales), act_dtype, "int8")
     if not qweight.is_contiguous() or qweight.data_ptr() % _ALIGN:
         # The op segfaults for M > 1 on a weight that is not 64-byte aligned (tensors read
         # from safetensors files sit at 8-byte offsets); a fresh allocation is aligned.
         qweight = qweight.contiguous().clone()
-    # scales_f32: the exact scales, for nibble's int8 kernel (kernels/csrc/int8_cpu.cpp)
-    prepared: Prepared = {"qweight": qweight, "scales": scales.to(act_dtype).contiguous(),
-                          "scales_f32": scales.float().contiguous()}
+    prepared = Int8Op(qweight, scales.to(act_dtype).contiguous(), scales.float().contiguous())
     N, K = qweight.shape
-    prepared["dense_from"] = _dense_from(
-        ("int8", K, N, act_dtype), lambda x: _int8_fused(x, prepared),
-        lambda x: _dense_rows(x, _int8_dense_t(prepared), N), K, act_dtype, batch_invariant)
+    prepared.dense_from = _dense_from(
+        ("int8", K, N, act_dtype), prepared.fused,
+        lambda x: _dense_rows(x, prepared.dense_t(), N), K, act_dtype, batch_invariant)
     return prepared
 
 
-def _int8_fused(x2: Tensor, prepared: Prepared) -> Tensor:
-    return torch.ops.aten._weight_int8pack_mm(x2, prepared["qweight"], prepared["scales"])
+@dataclass
+class Int8Op(CpuLayout):
+    """PyTorch's int8 weight-only op: `qweight` int8 [N, K] (64-byte aligned), `scales` [N] in
+    the activation dtype, and `scales_f32`, the exact scales, for nibble's int8 kernel
+    (kernels/csrc/int8_cpu.cpp)."""
 
+    qweight: Tensor
+    scales: Tensor
+    scales_f32: Tensor
+    dense_from: int | None = None
 
-def _int8_dense_t(prepared: Prepared) -> Tensor:
-    """fp32 W^T [K, N] dequantized into a shared scratch buffer."""
-    qweight, scales = prepared["qweight"], prepared["scales"]
-    N, K = qweight.shape
-    w = _scratch("int8-dense", (N, K), torch.float32)
-    torch.mul(qweight, scales.float()[:, None], out=w)
-    return w.T
+    def fused(self, x2: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
 
+    def dense_t(self) -> Tensor:
+        """fp32 W^T [K, N] dequantized into a shared scratch buffer."""
+        N, K = self.qweight.shape
+        w = _scratch("int8-dense", (N, K), torch.float32)
+        torch.mul(self.qweight, self.scales.float()[:, None], out=w)
+        return w.T
 
-def int8_linear(x: Tensor, prepared: Prepared, bias: Tensor | None = None) -> Tensor:
-    """x [..., K] act_dtype -> [..., N] act_dtype."""
-    if is_dense(prepared):
-        return _dense_linear(x, prepared, bias, "int8")
-    qweight, scales = prepared["qweight"], prepared["scales"]
-    N, K = qweight.shape
-    x2 = _rows(x, K, scales.dtype, "int8")
-    if path(prepared, x2.shape[0]) == "cpu-dense":
-        return _finish(_dense_rows(x2, _int8_dense_t(prepared), N), x.shape[:-1], N, bias)
-    return _finish(_int8_fused(x2, prepared), x.shape[:-1], N, bias)
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        N, K = self.qweight.shape
+        x2 = _rows(x, K, self.scales.dtype, "int8")
+        if self.path(x2.shape[0]) == "cpu-dense":
+            return _finish(_dense_rows(x2, self.dense_t(), N), x.shape[:-1], N, bias)
+        return _finish(self.fused(x2), x.shape[:-1], N, bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,9 +693,8 @@ def int8_linear(x: Tensor, prepared: Prepared, bias: Tensor | None = None) -> Te
 def int8g_prepare(
     qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, K: int,
     act_dtype: torch.dtype = torch.bfloat16, batch_invariant: bool = False,
-) -> Prepared:
-    """qweight uint8 [N, K], scales/zeros float32 [N, G] -> {"codes" uint8 [N, G*g], "scales",
-    "offsets" float32 [N, G, 1], "N", "K"}; offsets = zeros - 128 * scales.
+) -> Int8Group:
+    """qweight uint8 [N, K], scales/zeros float32 [N, G] -> Int8Group.
 
     PyTorch has no group-wise int8 op, so each call dequantizes the layer into a float32
     scratch buffer shared by every layer of its shape (W = q * scale + offset, one multiply and
@@ -647,29 +710,39 @@ def int8g_prepare(
     codes = qweight if not pad else torch.cat([qweight, qweight.new_full((N, pad), 128)], 1)
     scales = scales.float()
     offsets = zeros.float() - 128.0 * scales
-    return {"codes": codes.contiguous(), "scales": scales[..., None].contiguous(),
-            "offsets": offsets[..., None].contiguous(), "N": N, "K": K}
+    return Int8Group(codes.contiguous(), scales[..., None].contiguous(),
+                     offsets[..., None].contiguous(), N, K)
 
 
-def _int8g_dense(prepared: Prepared) -> Tensor:
-    """fp32 W [N, K] dequantized into a shared scratch buffer."""
-    codes, scales = prepared["codes"], prepared["scales"]
-    N, G = scales.shape[:2]
-    w = _scratch("int8g-dense", tuple(codes.shape), torch.float32)
-    w3 = w.view(N, G, -1)
-    torch.mul(codes.view(N, G, -1), scales, out=w3)
-    w3.add_(prepared["offsets"])
-    return w[:, : prepared["K"]]
+@dataclass
+class Int8Group(CpuLayout):
+    """`codes` uint8 [N, G*g] (a ragged last group padded), `scales` and `offsets` float32
+    [N, G, 1] with offsets = zeros - 128 * scales."""
 
+    codes: Tensor
+    scales: Tensor
+    offsets: Tensor
+    N: int
+    K: int
 
-def int8g_linear(x: Tensor, prepared: Prepared, bias: Tensor | None = None) -> Tensor:
-    """x [..., K] -> [..., N] in x's dtype."""
-    K, N = prepared["K"], prepared["N"]
-    if x.shape[-1] != K:
-        raise ValueError(f"int8g linear expects x[..., {K}], got {tuple(x.shape)}")
-    x2 = x.reshape(-1, K)
-    y = torch.mm(x2.float(), _int8g_dense(prepared).T).to(x.dtype)
-    return _finish(y, x.shape[:-1], N, bias)
+    def path(self, M: int) -> str:
+        return "cpu-dense"
+
+    def dense(self) -> Tensor:
+        """fp32 W [N, K] dequantized into a shared scratch buffer."""
+        N, G = self.scales.shape[:2]
+        w = _scratch("int8g-dense", tuple(self.codes.shape), torch.float32)
+        w3 = w.view(N, G, -1)
+        torch.mul(self.codes.view(N, G, -1), self.scales, out=w3)
+        w3.add_(self.offsets)
+        return w[:, : self.K]
+
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """x [..., K] -> [..., N] in x's dtype."""
+        if x.shape[-1] != self.K:
+            raise ValueError(f"int8g linear expects x[..., {self.K}], got {tuple(x.shape)}")
+        y = torch.mm(x.reshape(-1, self.K).float(), self.dense().T).to(x.dtype)
+        return _finish(y, x.shape[:-1], self.N, bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -684,29 +757,19 @@ def nf4_prepare(
     K: int,
     act_dtype: torch.dtype = torch.bfloat16,
     batch_invariant: bool = False,
-) -> Prepared:
-    """qweight uint8 [N, ceil(K/2)], absmax float32 [N, G] -> {"weight": [N, K] act_dtype},
-    or {"fp16_gemm": packed, ...} in its place where fbgemm's fp16 GEMM measures faster (see
-    fp16_gemm_prepare; the same 16 bits per weight).
+) -> Dense | Fp16Gemm:
+    """qweight uint8 [N, ceil(K/2)], absmax float32 [N, G] -> Dense ([N, K] act_dtype), or
+    Fp16Gemm in its place where fbgemm's fp16 GEMM measures faster (see fp16_gemm_prepare; the
+    same 16 bits per weight).
 
     Dequantized in float32 and rounded once, so weights differ from the reference by at most
     half an ulp of act_dtype (fp16's where the fp16 GEMM serves).
     """
-    prepared = _dense(reference.dequantize_nf4(qweight, absmax, group_size, K), act_dtype)
-    packed = fp16_gemm_prepare(prepared["weight"], batch_invariant)
+    prepared = _dense(reference.dequantize_nf4(qweight, absmax, group_size, K), act_dtype, "nf4")
+    packed = fp16_gemm_prepare(prepared.weight, batch_invariant)
     if packed is not None:
-        N = prepared["weight"].shape[0]
-        return {"weight": None, "fp16_gemm": packed, "N": N, "K": K}
+        return Fp16Gemm(packed, prepared.weight.shape[0], K, "nf4")
     return prepared
-
-
-def nf4_linear(x: Tensor, prepared: Prepared, bias: Tensor | None = None) -> Tensor:
-    """x [..., K] act_dtype -> [..., N] act_dtype."""
-    if prepared.get("fp16_gemm") is not None:
-        if x.shape[-1] != prepared["K"]:
-            raise ValueError(f"nf4 linear expects x[..., {prepared['K']}], got {tuple(x.shape)}")
-        return fp16_gemm(x, prepared["fp16_gemm"], bias)
-    return _dense_linear(x, prepared, bias, "nf4")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -746,30 +809,34 @@ def fp16_gemm_bytes(N: int, K: int) -> int:
     return -(-K // _FBGEMM_ROW_BLOCK) * _FBGEMM_ROW_BLOCK * -(-N // cols) * cols * 2
 
 
-def prepared_bytes(fmt: str, N: int, K: int, group_size: int | None,
-                   act_dtype: torch.dtype) -> int:
-    """Bytes of the layout `<fmt>_prepare` keeps for a [N, K] weight (fmt: a registry name,
-    int4 | int8 | int8g | nf4). nf4's dequantized copy is F.linear's or fbgemm's."""
+def int4_bytes(N: int, K: int, group_size: int | None, act_dtype: torch.dtype) -> int:
+    """Bytes of the layout int4_prepare keeps for a [N, K] weight."""
+    path, kg = _int4_path(K, group_size)
     act = act_dtype.itemsize
-    if fmt == "int4":
-        path, kg = _int4_path(K, group_size)
-        if path == "dense":
-            return N * K * act
-        if path == "native":
-            Np = N + -N % 8
-            return Np * K // 2 + 2 * (K // kg) * Np * 4
-        Np = N + -N % _INT4_N_MULTIPLE
-        return Np * K // 2 + (K // kg) * Np * 2 * act
-    if fmt == "int8":
-        if act_dtype == torch.bfloat16 and K % _INT8_BF16_K_MULTIPLE:
-            return N * K * act
-        return N * K + N * act + N * 4
-    if fmt == "int8g":
-        G = -(-K // group_size)
-        return N * G * group_size + 2 * N * G * 4
-    if fmt == "nf4":
-        return fp16_gemm_bytes(N, K) if fp16_gemm_expected(N, K, act_dtype) else N * K * act
-    raise ValueError(f"no CPU layout for format {fmt!r}")
+    if path == "dense":
+        return N * K * act
+    if path == "native":
+        Np = N + -N % 8
+        return Np * K // 2 + 2 * (K // kg) * Np * 4
+    Np = N + -N % _INT4_N_MULTIPLE
+    return Np * K // 2 + (K // kg) * Np * 2 * act
+
+
+def int8_bytes(N: int, K: int, group_size: int | None, act_dtype: torch.dtype) -> int:
+    if act_dtype == torch.bfloat16 and K % _INT8_BF16_K_MULTIPLE:
+        return N * K * act_dtype.itemsize
+    return N * K + N * act_dtype.itemsize + N * 4
+
+
+def int8g_bytes(N: int, K: int, group_size: int | None, act_dtype: torch.dtype) -> int:
+    G = -(-K // group_size)
+    return N * G * group_size + 2 * N * G * 4
+
+
+def nf4_bytes(N: int, K: int, group_size: int | None, act_dtype: torch.dtype) -> int:
+    """F.linear's dequantized copy, or fbgemm's."""
+    return fp16_gemm_bytes(N, K) if fp16_gemm_expected(N, K, act_dtype) \
+        else N * K * act_dtype.itemsize
 
 
 def _dense_expected(key: tuple) -> bool:
@@ -781,20 +848,29 @@ def _dense_expected(key: tuple) -> bool:
     return value is not None if known else True
 
 
-def scratch_buffers(fmt: str, N: int, K: int, group_size: int | None,
-                    act_dtype: torch.dtype) -> dict[tuple, int]:
-    """The shared per-shape buffers (see _scratch) that the dense path of this layer allocates
-    at its first call with many rows: {(tag, shape): bytes}; layers of one shape share them."""
-    if fmt == "int8g":
-        G = -(-K // group_size)
-        return {("int8g-dense", N, G * group_size): 4 * N * G * group_size}
-    if fmt == "int8":
-        if act_dtype == torch.bfloat16 and K % _INT8_BF16_K_MULTIPLE \
-                or not _dense_expected(("int8", K, N, act_dtype)):
-            return {}
-        return {("int8-dense", N, K): 4 * N * K}
-    if fmt != "int4":
+def no_scratch(N: int, K: int, group_size: int | None, act_dtype: torch.dtype) -> dict[tuple, int]:
+    return {}
+
+
+def int8g_scratch(N: int, K: int, group_size: int | None,
+                  act_dtype: torch.dtype) -> dict[tuple, int]:
+    """The shared per-shape buffers (see _scratch) that a layer's dense path allocates at its
+    first call with many rows: {(tag, shape): bytes}; layers of one shape share them. The same
+    signature for every format."""
+    G = -(-K // group_size)
+    return {("int8g-dense", N, G * group_size): 4 * N * G * group_size}
+
+
+def int8_scratch(N: int, K: int, group_size: int | None,
+                 act_dtype: torch.dtype) -> dict[tuple, int]:
+    if act_dtype == torch.bfloat16 and K % _INT8_BF16_K_MULTIPLE \
+            or not _dense_expected(("int8", K, N, act_dtype)):
         return {}
+    return {("int8-dense", N, K): 4 * N * K}
+
+
+def int4_scratch(N: int, K: int, group_size: int | None,
+                 act_dtype: torch.dtype) -> dict[tuple, int]:
     path, kg = _int4_path(K, group_size)
     if path == "native":
         Np = N + -N % 8

@@ -16,6 +16,7 @@ from engine.layers.embedding import Embedding
 from engine.layers.linear import QuantLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
+from kernels import cpu
 
 
 def residual_dtype_for(act_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -148,11 +149,11 @@ class LlamaModel(nn.Module):
                 weights.append(norm.weight.data.float().contiguous())
                 for lin in linears:
                     p = getattr(lin.method, "_prepared", None)
-                    if not p or "native" not in p or lin.bias is not None \
+                    if not isinstance(p, cpu.Int4Native) or lin.bias is not None \
                             or lin.input_perm is not None:
                         return None
-                    weights += [p["native"], p["scale"], p["bias"]]
-                    groups.append(p["group_size"])
+                    weights += [p.native, p.scale, p.bias]
+                    groups.append(p.group_size)
         return weights, groups
 
     @torch.inference_mode()
@@ -170,10 +171,10 @@ class LlamaModel(nn.Module):
         method = self.lm_head.method
         p = getattr(method, "_prepared", None)
         if self.native_decode is None or not self.native_decode_act8 \
-                or getattr(method, "name", None) != "int8" or not p or "scales_f32" not in p \
-                or self.lm_head.bias is not None or p["qweight"].shape[1] % 32:
+                or not isinstance(p, cpu.Int8Op) \
+                or self.lm_head.bias is not None or p.qweight.shape[1] % 32:
             return None
-        return p["qweight"], p["scales_f32"]
+        return p.qweight, p.scales_f32
 
     def quant_linears(self) -> dict[str, QuantLinear]:
         return {n: m for n, m in self.named_modules() if isinstance(m, QuantLinear)}

@@ -34,6 +34,7 @@ class StoredMethod:
 
     name: str
     tensor_names: tuple[str, ...]
+    optional_tensor_names: tuple[str, ...] = ()  # stored when present (a calibrated scale)
 
     def __init__(
         self, spec: QuantSpec, in_features: int, out_features: int, act_dtype: torch.dtype
@@ -47,20 +48,22 @@ class StoredMethod:
 
     def load(self, tensors: dict[str, Tensor]) -> None:
         missing = [k for k in self.tensor_names if k not in tensors]
-        extra = [k for k in tensors if k not in self.tensor_names]
+        extra = [k for k in tensors
+                 if k not in self.tensor_names and k not in self.optional_tensor_names]
         if missing or extra:
             raise CheckpointError(
                 f"{self.name} weight expects tensors {list(self.tensor_names)}; "
                 f"missing {missing}, unexpected {extra}"
             )
         self.check_shapes(tensors)
-        self.stored = {k: tensors[k] for k in self.tensor_names}
+        self.stored = {k: tensors[k] for k in (*self.tensor_names, *self.optional_tensor_names)
+                       if k in tensors}
         self.stored_bytes = sum(t.numel() * t.element_size() for t in self.stored.values())
 
     def check_shapes(self, tensors: dict[str, Tensor]) -> None:
         want = self.expected_shapes()
         for key, shape in want.items():
-            if tuple(tensors[key].shape) != shape:
+            if key in tensors and tuple(tensors[key].shape) != shape:
                 raise CheckpointError(
                     f"{self.name} tensor {key!r} has shape {tuple(tensors[key].shape)}, "
                     f"expected {shape} for a {self.out_features}x{self.in_features} weight"
@@ -88,7 +91,22 @@ class StoredMethod:
 
 class PackedMethod(StoredMethod):
     """A low-bit format computed by kernels/: prepare repacks through the dispatcher once,
-    apply only launches the chosen kernel."""
+    apply only launches the chosen kernel. Its stored tensors are its record's
+    (kernels/formats.py)."""
+
+    @property
+    def record(self):
+        from kernels import formats
+
+        return formats.get(self.name)
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        return self.record.tensors
+
+    @property
+    def optional_tensor_names(self) -> tuple[str, ...]:
+        return self.record.optional_tensors
 
     def prepare(self, device: torch.device, batch_invariant: bool = False) -> None:
         from kernels import dispatch
@@ -113,7 +131,7 @@ class PackedMethod(StoredMethod):
         out = {"format": str(self.spec)}
         if self.spec.group_size:
             out["group_size"] = self.spec.group_size
-        if self.spec.symmetric and self.name == "int4":
+        if self.spec.symmetric and self.record.sym_option:
             out["symmetric"] = True
         return out
 

@@ -15,7 +15,6 @@ from kernels import reference
 @register("int4")
 class Int4Method(PackedMethod):
     name = "int4"
-    tensor_names = ("qweight", "scales", "zeros")
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         n, k, g = self.out_features, self.in_features, self.num_groups()

@@ -13,7 +13,6 @@ from kernels import reference
 @register("int8")
 class Int8Method(PackedMethod):
     name = "int8"
-    tensor_names = ("qweight", "scales")
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"qweight": (self.out_features, self.in_features), "scales": (self.out_features,)}
@@ -30,7 +29,6 @@ class Int8Method(PackedMethod):
 @register("int8g")
 class Int8GroupMethod(PackedMethod):
     name = "int8g"
-    tensor_names = ("qweight", "scales", "zeros")
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         n, k, g = self.out_features, self.in_features, self.num_groups()

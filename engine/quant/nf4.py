@@ -14,7 +14,6 @@ from kernels import reference
 @register("nf4")
 class NF4Method(PackedMethod):
     name = "nf4"
-    tensor_names = ("qweight", "absmax")
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         n, k = self.out_features, self.in_features

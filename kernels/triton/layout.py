@@ -23,24 +23,42 @@ add 8 bytes per group (50% more traffic than the codes themselves at g = 32).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from kernels import reference
 
-FMT_INT8, FMT_INT4, FMT_NF4, FMT_INT8G = 0, 1, 2, 3
-FORMAT_CODES = {"int8": FMT_INT8, "int4": FMT_INT4, "nf4": FMT_NF4, "int8g": FMT_INT8G}
-CODE_OFFSET = {"int4": 8.0, "int8g": 128.0}  # the code of a zero-offset weight, per affine format
+FMT_INT8, FMT_INT4, FMT_NF4, FMT_INT8G = 0, 1, 2, 3  # the kernels' FMT constexpr
 
 
-def _affine(scales: Tensor, zeros: Tensor, fmt: str, act_dtype: torch.dtype) -> dict[str, Tensor]:
-    """Stored scales and zeros [N, G] -> K-major scales and offsets [G, N] in act_dtype; the
-    offset is computed in float32 and rounded once."""
+@dataclass(frozen=True)
+class TritonLayout:
+    """One format's layout for kernels/triton/qgemm.py: the kernel's FMT code, the repack from
+    the stored tensors, its inverse to float32 [N, K] (tests and debugging), and its bytes from
+    shapes alone (engine/plan.py's estimate; tested against real layouts)."""
+
+    code: int
+    repack: Callable[[Mapping[str, Tensor], int, int | None, torch.dtype], dict[str, Tensor]]
+    dequantize: Callable[[Mapping[str, Tensor], int, int | None], Tensor]
+    nbytes: Callable[[int, int, int | None, torch.dtype], int]
+
+
+def _affine(scales: Tensor, zeros: Tensor, code_offset: float,
+            act_dtype: torch.dtype) -> dict[str, Tensor]:
+    """Stored scales and zeros [N, G] -> K-major scales and offsets [G, N] in act_dtype, with
+    offsets = zeros - code_offset * scales (code_offset: the code of a zero-offset weight);
+    the offset is computed in float32 and rounded once."""
     scales, zeros = scales.float(), zeros.float()
     return {"scales": scales.T.to(act_dtype).contiguous(),
-            "offsets": (zeros - CODE_OFFSET[fmt] * scales).T.to(act_dtype).contiguous()}
+            "offsets": (zeros - code_offset * scales).T.to(act_dtype).contiguous()}
+
+
+def _affine_dequantize(q: Tensor, t: Mapping[str, Tensor], K: int, group_size: int) -> Tensor:
+    s = reference.expand_groups(t["scales"].T.float(), K, group_size)
+    return q.float() * s + reference.expand_groups(t["offsets"].T.float(), K, group_size)
 
 
 def pack_k_major(codes: Tensor) -> Tensor:
@@ -64,50 +82,49 @@ def unpack_k_major(words: Tensor, K: int) -> Tensor:
     return codes.reshape(words.shape[1], -1)[:, :K].to(torch.uint8)
 
 
-def repack(fmt: str, tensors: Mapping[str, Tensor], K: int, group_size: int | None,
-           act_dtype: torch.dtype) -> dict[str, Tensor]:
-    """Stored tensors (kernels/reference.py names) -> the tensors of the module docstring."""
-    if fmt == "int8":
-        return {"qweight": tensors["qweight"].T.contiguous(),
-                "scales": tensors["scales"].float().contiguous()}
-    if fmt == "int8g":
-        return {"qweight": tensors["qweight"].T.contiguous(),
-                **_affine(tensors["scales"], tensors["zeros"], fmt, act_dtype)}
-    codes = reference.unpack_nibbles(tensors["qweight"], K)
-    out = {"qweight": pack_k_major(codes)}
-    if fmt == "int4":
-        out.update(_affine(tensors["scales"], tensors["zeros"], fmt, act_dtype))
-    elif fmt == "nf4":
-        out["scales"] = tensors["absmax"].float().T.to(act_dtype).contiguous()
-        out["codebook"] = reference.NF4_CODEBOOK.to(codes.device)
-    else:
-        raise ValueError(f"no Triton layout for format {fmt!r}")
-    return out
+def _int8_repack(t: Mapping[str, Tensor], K: int, group_size: int | None,
+                 act_dtype: torch.dtype) -> dict[str, Tensor]:
+    return {"qweight": t["qweight"].T.contiguous(), "scales": t["scales"].float().contiguous()}
 
 
-def dequantize(fmt: str, t: Mapping[str, Tensor], K: int, group_size: int | None) -> Tensor:
-    """The layout above back to float32 [N, K], for tests and debugging."""
-    if fmt == "int8":
-        return t["qweight"].T.float() * t["scales"][:, None]
-    q = t["qweight"].T.long() if fmt == "int8g" else unpack_k_major(t["qweight"], K).long()
-    s = reference.expand_groups(t["scales"].T.float(), K, group_size)
-    if fmt in CODE_OFFSET:
-        return q.float() * s + reference.expand_groups(t["offsets"].T.float(), K, group_size)
-    return t["codebook"][q] * s
+def _int8g_repack(t: Mapping[str, Tensor], K: int, group_size: int | None,
+                  act_dtype: torch.dtype) -> dict[str, Tensor]:
+    return {"qweight": t["qweight"].T.contiguous(),
+            **_affine(t["scales"], t["zeros"], 128.0, act_dtype)}
 
 
-def layout_bytes(fmt: str, N: int, K: int, group_size: int | None, act_dtype: torch.dtype) -> int:
-    """Bytes `repack` keeps for a [N, K] weight, from shapes alone (engine/plan.py's estimate;
-    tested against real layouts)."""
-    act = act_dtype.itemsize
-    if fmt == "int8":
-        return K * N + 4 * N
-    G = -(-K // group_size)
-    if fmt == "int8g":
-        return K * N + 2 * G * N * act
-    words = -(-K // 8) * N * 4
-    if fmt == "int4":
-        return words + 2 * G * N * act
-    if fmt == "nf4":
-        return words + G * N * act + reference.NF4_CODEBOOK.numel() * 4
-    raise ValueError(f"no Triton layout for format {fmt!r}")
+def _int4_repack(t: Mapping[str, Tensor], K: int, group_size: int | None,
+                 act_dtype: torch.dtype) -> dict[str, Tensor]:
+    return {"qweight": pack_k_major(reference.unpack_nibbles(t["qweight"], K)),
+            **_affine(t["scales"], t["zeros"], 8.0, act_dtype)}
+
+
+def _nf4_repack(t: Mapping[str, Tensor], K: int, group_size: int | None,
+                act_dtype: torch.dtype) -> dict[str, Tensor]:
+    return {"qweight": pack_k_major(reference.unpack_nibbles(t["qweight"], K)),
+            "scales": t["absmax"].float().T.to(act_dtype).contiguous(),
+            "codebook": reference.NF4_CODEBOOK.to(t["qweight"].device)}
+
+
+def _nibble_words(N: int, K: int) -> int:
+    return -(-K // 8) * N * 4
+
+
+INT8 = TritonLayout(
+    FMT_INT8, _int8_repack,
+    lambda t, K, g: t["qweight"].T.float() * t["scales"][:, None],
+    lambda N, K, g, act: K * N + 4 * N)
+INT8G = TritonLayout(
+    FMT_INT8G, _int8g_repack,
+    lambda t, K, g: _affine_dequantize(t["qweight"].T.long(), t, K, g),
+    lambda N, K, g, act: K * N + 2 * -(-K // g) * N * act.itemsize)
+INT4 = TritonLayout(
+    FMT_INT4, _int4_repack,
+    lambda t, K, g: _affine_dequantize(unpack_k_major(t["qweight"], K).long(), t, K, g),
+    lambda N, K, g, act: _nibble_words(N, K) + 2 * -(-K // g) * N * act.itemsize)
+NF4 = TritonLayout(
+    FMT_NF4, _nf4_repack,
+    lambda t, K, g: t["codebook"][unpack_k_major(t["qweight"], K).long()]
+    * reference.expand_groups(t["scales"].T.float(), K, g),
+    lambda N, K, g, act: _nibble_words(N, K) + -(-K // g) * N * act.itemsize
+    + reference.NF4_CODEBOOK.numel() * 4)

@@ -99,7 +99,7 @@ def test_reference_kernels_serve_the_model(monkeypatch):
     llm = LLM("smollm2-135m", quant="int4", progress=False, max_model_len=256)
     int4 = [m for m in llm.model.quant_linears().values() if m.spec.method == "int4"]
     # the reference keeps the stored layout; the CPU path would have repacked it ("packed")
-    assert int4 and all({"qweight", "scales", "zeros"} <= m.method._prepared.keys() for m in int4)
+    assert int4 and all({"qweight", "scales", "zeros"} <= m.method._prepared.tensors.keys() for m in int4)
     assert "Paris" in llm.chat(QUESTION, SamplingParams(max_tokens=24, temperature=0))[0].text
 
 

@@ -61,7 +61,7 @@ def test_int4_matchesreference(N, K, g, dtype, native_path):
     prepared = _check("int4", N, K, g, dtype, seed=N + K + g, native_path=native_path)
     # Every shape here is served by a fast path; ragged groups shrink the kernel group.
     assert cpu.path(prepared, 1) == fast_label(native_path)
-    assert prepared["group_size"] == min(g, K & -K)
+    assert prepared.group_size == min(g, K & -K)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -119,10 +119,10 @@ def test_int4_pads_n(native_path):
     t = quantize("int4", weights(196, 64, 0), 32)
     prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 32, 64,
                                 native=native_path)
-    held = prepared["native"].shape[0] * 8 if native_path else prepared["packed"].shape[0]
-    assert held == (200 if native_path else 208) and prepared["N"] == 196
+    held = prepared.native.shape[0] * 8 if native_path else prepared.packed.shape[0]
+    assert held == (200 if native_path else 208) and prepared.N == 196
     x = torch.randn(3, 64).bfloat16()
-    assert_within_bound(cpu.int4_linear(x, prepared), reference("int4", x, t, 32), x,
+    assert_within_bound(cpu.linear(x, prepared), reference("int4", x, t, 32), x,
                         magnitude("int4", t, 64, 32))
 
 
@@ -162,7 +162,7 @@ def test_wrong_activation_dtype_says_how_to_fix():
     t = quantize("int4", weights(96, 64, 0), 32)
     prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 32, 64, torch.bfloat16)
     with pytest.raises(TypeError, match="act_dtype=torch.float32"):
-        cpu.int4_linear(torch.randn(1, 64), prepared)
+        cpu.linear(torch.randn(1, 64), prepared)
 
 
 def test_dispatch_backends_and_errors():
@@ -186,7 +186,7 @@ def test_int8_misaligned_weight_is_served():
     prepared = cpu.int8_prepare(shifted, s, torch.bfloat16)
     x = torch.randn(5, 576, dtype=torch.bfloat16)
     ref = R.int8_linear(x.float(), q, s)
-    assert (cpu.int8_linear(x, prepared).float() - ref).abs().max() <= 0.02 * ref.abs().max()
+    assert (cpu.linear(x, prepared).float() - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
 # --- batch-size dispatch: dequantize per call + fp32 GEMM for large M ----------------------
@@ -210,10 +210,10 @@ def test_dense_path_matches_reference(fmt, N, K, g, dtype, native_path):
                                     native=native_path)
     else:
         prepared = prepare(t, K=K, group_size=g, act_dtype=dtype)
-    assert prepared["dense_from"] is None  # NIBBLE_TUNE=0: nothing measured, fused only
+    assert prepared.dense_from is None  # NIBBLE_TUNE=0: nothing measured, fused only
     if fmt == "int4" and not native_path:
-        assert cpu.int4_pack_layout() is not None and prepared["pack_block"] is not None
-    prepared["dense_from"] = 3
+        assert cpu.int4_pack_layout() is not None and prepared.pack is not None
+    prepared.dense_from = 3
     A = magnitude(fmt, t, K, g)
     x_all = torch.randn(64, K, generator=torch.Generator().manual_seed(N)).to(dtype)
     for M in MS:
@@ -295,7 +295,7 @@ def test_packed_weights_decode_to_their_codes():
         t = quantize("int4", weights(N, 256, 5), 64)
         prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256, native=False)
         codes = R.unpack_nibbles(t["qweight"], 256).to(torch.int32)
-        decoded = cpu._int4_codes_t(prepared["packed"], cpu.int4_pack_layout())
+        decoded = cpu._int4_codes_t(prepared.packed, cpu.int4_pack_layout())
         assert torch.equal(decoded[:, :N], codes.T)
         assert torch.equal(decoded[:, N:], torch.full((256, -N % 16), 8, dtype=torch.int32))
 
@@ -310,11 +310,11 @@ def test_dense_path_reads_every_layout(capability, N, K, g, dtype):
     prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], g, K, dtype, native=False)
     codes = R.unpack_nibbles(t["qweight"], K)
     layout = LAYOUTS[capability]
-    prepared.update(packed=pack_like_torch(codes, capability), pack_block=layout.block,
-                    pack_halves=int(layout.halves), dense_from=1)
+    prepared.packed, prepared.pack = pack_like_torch(codes, capability), layout
+    prepared.dense_from = 1
     x = torch.randn(17, K, generator=torch.Generator().manual_seed(g)).to(dtype)
     assert cpu.path(prepared, 1) == "cpu-dense"
-    assert_within_bound(cpu.int4_linear(x, prepared), reference("int4", x, t, g), x,
+    assert_within_bound(cpu.linear(x, prepared), reference("int4", x, t, g), x,
                         magnitude("int4", t, K, g))
 
 
@@ -337,7 +337,7 @@ def test_unknown_pack_layout_keeps_the_fused_op(monkeypatch, caplog):
     finally:
         monkeypatch.undo()
         cpu.int4_pack_layout.cache_clear()
-    assert prepared["pack_block"] is None and prepared["dense_from"] is None
+    assert prepared.pack is None and prepared.dense_from is None
     assert [cpu.path(prepared, M) for M in (1, 512)] == ["cpu-fused", "cpu-fused"]
 
 
@@ -351,7 +351,7 @@ def test_dense_crossover_is_measured_once_per_shape(monkeypatch, caplog, native_
     with caplog.at_level("INFO", logger="nibble.kernels"):
         prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256,
                                     native=native_path)
-    assert prepared["dense_from"] == 128
+    assert prepared.dense_from == 128
     # largest first, stopping at the first M where the fused op wins
     assert timed == [(512, True), (512, False), (256, True), (256, False), (128, True),
                      (128, False), (64, True), (64, False)]
@@ -360,13 +360,13 @@ def test_dense_crossover_is_measured_once_per_shape(monkeypatch, caplog, native_
         [fast, fast, "cpu-dense", "cpu-dense"]
     timed.clear()
     again = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256, native=native_path)
-    assert again["dense_from"] == 128 and not timed  # same shape: not measured again
+    assert again.dense_from == 128 and not timed  # same shape: not measured again
     pinned = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256,
                               batch_invariant=True, native=native_path)
-    assert pinned["dense_from"] is None
+    assert pinned.dense_from is None
     monkeypatch.setenv("NIBBLE_TUNE", "0")
     assert cpu.int8_prepare(t["qweight"].view(torch.int8)[:, :128].contiguous(),
-                            torch.ones(64))["dense_from"] is None
+                            torch.ones(64)).dense_from is None
 
 
 def test_measured_choices_are_stored_and_reused_by_later_processes(monkeypatch):
@@ -381,20 +381,20 @@ def test_measured_choices_are_stored_and_reused_by_later_processes(monkeypatch):
     def prepare():
         return cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256, native=False)
 
-    assert prepare()["dense_from"] == 128 and timed
+    assert prepare().dense_from == 128 and timed
     stored = json.loads(cpu.cache_path().read_text())
     assert list(stored.values()) == [128]
     assert cpu.choices() == [{"key": next(iter(stored)), "value": 128, "source": "measured"}]
 
     monkeypatch.setattr(cpu, "_MEASURED", {})  # a new process
     timed.clear()
-    assert prepare()["dense_from"] == 128 and not timed
+    assert prepare().dense_from == 128 and not timed
     assert [c["source"] for c in cpu.choices()] == ["cached"]
 
     monkeypatch.setattr(cpu, "_MEASURED", {})
     monkeypatch.setenv("NIBBLE_RETUNE", "1")
     monkeypatch.setattr(cpu, "_median_seconds", lambda fn, x, reps=3: 1.0)  # dense never wins
-    assert prepare()["dense_from"] is None
+    assert prepare().dense_from is None
     assert list(json.loads(cpu.cache_path().read_text()).values()) == [None]
     assert [c["source"] for c in cpu.choices()] == ["measured"]
 
@@ -409,13 +409,13 @@ def test_nf4_through_the_fp16_gemm_matches_reference(monkeypatch, dtype):
     _fp16_gemm_wins(monkeypatch)
     prepared = _check("nf4", 200, 576, 64, dtype, seed=3)
     if dtype == torch.float32:  # fp32 weights stay with F.linear (fp16 would round them)
-        assert "fp16_gemm" not in prepared
+        assert not isinstance(prepared, cpu.Fp16Gemm)
         return
-    assert prepared["fp16_gemm"] is not None and prepared["weight"] is None
+    assert isinstance(prepared, cpu.Fp16Gemm) and prepared.packed is not None
     pinned = cpu.nf4_prepare(*[quantize("nf4", weights(200, 576, 3), 64)[k]
                                for k in ("qweight", "absmax")], 64, 576, dtype,
                              batch_invariant=True)
-    assert pinned["weight"] is not None and "fp16_gemm" not in pinned
+    assert isinstance(pinned, cpu.Dense) and pinned.weight is not None
 
 
 def test_bf16_layers_take_the_fp16_gemm_where_it_wins(monkeypatch):

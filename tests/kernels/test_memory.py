@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu, dispatch, native
-from kernels.triton import layout
+from kernels import cpu, dispatch, formats, native
 from tests.kernels.cases import quantize, weights
 
 # ragged N (not a multiple of 8 or 16), K that groups of 128 do not divide, K % 16 != 0
@@ -15,8 +14,8 @@ CASES = [("int4", 32), ("int4", 64), ("int4", 128), ("int8", None), ("int8g", 32
          ("nf4", 32)]
 
 
-def _nbytes(prepared) -> int:
-    return sum(v.numel() * v.element_size() for v in prepared.values() if isinstance(v, torch.Tensor))
+def _nbytes(tensors) -> int:
+    return sum(v.numel() * v.element_size() for v in tensors if isinstance(v, torch.Tensor))
 
 
 def _quantized(fmt: str, N: int, K: int, g: int | None):
@@ -30,11 +29,12 @@ def test_cpu_prepared_bytes_match_the_layouts(N, K, fmt, g, dtype, monkeypatch):
     t = _quantized(fmt, N, K, g)
     prepare, _ = dispatch.get_kernels(fmt, "cpu")
     prepared = prepare(t, K=K, group_size=g, act_dtype=dtype)
-    assert cpu.prepared_bytes(fmt, N, K, g, dtype) == _nbytes(prepared)
+    record = formats.get(fmt)
+    assert record.cpu_bytes(N, K, g, dtype) == _nbytes(prepared.tensors())
     if fmt == "int4" and native.load() is not None:  # PyTorch's op, where the native kernel runs
         monkeypatch.setenv("NIBBLE_NATIVE", "0")
         op = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], g, K, dtype, native=False)
-        assert cpu.prepared_bytes(fmt, N, K, g, dtype) == _nbytes(op)
+        assert record.cpu_bytes(N, K, g, dtype) == _nbytes(op.tensors())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -42,7 +42,8 @@ def test_cpu_prepared_bytes_match_the_layouts(N, K, fmt, g, dtype, monkeypatch):
 @pytest.mark.parametrize("N,K", SHAPES)
 def test_triton_layout_bytes_match_the_layouts(N, K, fmt, g, dtype):
     t = _quantized(fmt, N, K, g)
-    assert layout.layout_bytes(fmt, N, K, g, dtype) == _nbytes(layout.repack(fmt, t, K, g, dtype))
+    lay = formats.get(fmt).triton_layout
+    assert formats.get(fmt).triton_bytes(N, K, g, dtype) == _nbytes(lay.repack(t, K, g, dtype).values())
 
 
 @pytest.mark.parametrize("fmt,g,N,K", [("int4", 64, 960, 576), ("int4", 32, 200, 64),
@@ -54,11 +55,11 @@ def test_scratch_buffers_are_the_ones_the_dense_path_allocates(fmt, g, N, K, mon
     t = _quantized(fmt, N, K, g)
     prepare, linear = dispatch.get_kernels(fmt, "cpu")
     prepared = prepare(t, K=K, group_size=g, act_dtype=torch.float32)
-    prepared["dense_from"] = 1
+    prepared.dense_from = 1
     linear(torch.randn(4, K), prepared)
     allocated = sum(b.numel() * b.element_size() for b in cpu._SCRATCH.values())
     assert allocated > 0
-    assert sum(cpu.scratch_buffers(fmt, N, K, g, torch.float32).values()) == allocated
+    assert sum(formats.get(fmt).cpu_scratch(N, K, g, torch.float32).values()) == allocated
 
 
 def test_fp16_gemm_copy_follows_the_stored_choice(monkeypatch, tmp_path):

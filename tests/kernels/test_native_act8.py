@@ -37,16 +37,16 @@ def quantized_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (q * a).view(M, K), a.expand(-1, -1, BLOCK).reshape(M, K)
 
 
-def run(prepared: dict, x: torch.Tensor, act8: bool) -> torch.Tensor:
-    return native.load().int4_linear(x, prepared["native"], prepared["scale"], prepared["bias"],
-                                     prepared["group_size"], prepared["N"], act8)
+def run(prepared: cpu.Int4Native, x: torch.Tensor, act8: bool) -> torch.Tensor:
+    return native.load().int4_linear(x, prepared.native, prepared.scale, prepared.bias,
+                                     prepared.group_size, prepared.N, act8)
 
 
 def prepare(N: int, K: int, g: int, seed: int):
     t = quantize("int4", weights(N, K, seed), g)
     prepared = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], g, K, torch.float32,
                                 native=True)
-    assert "native" in prepared
+    assert isinstance(prepared, cpu.Int4Native)
     w = R.dequantize_int4(t["qweight"], t["scales"], t["zeros"], g, K).double()
     return t, prepared, w
 
@@ -86,8 +86,7 @@ def test_shapes_without_whole_blocks_keep_fp32_activations():
         words = torch.randint(-2**31, 2**31 - 1, (N // 8, K // 8, 8), dtype=torch.int32,
                               generator=g)
         scale = torch.rand(K // group, N, generator=g) * 0.02
-        prepared = {"native": words, "scale": scale, "bias": -8 * scale, "group_size": group,
-                    "N": N}
+        prepared = cpu.Int4Native(words, scale, -8 * scale, group, N, torch.float32)
         x = torch.randn(3, K, generator=g)
         assert torch.equal(run(prepared, x, act8=True), run(prepared, x, act8=False))
 

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import dispatch  # noqa: E402
+from kernels import dispatch, formats  # noqa: E402
 from kernels import reference as R  # noqa: E402
 from kernels.triton import layout, qgemm, tuning  # noqa: E402
 from kernels.triton.qgemm import KernelConfig  # noqa: E402
@@ -60,13 +60,13 @@ def _triton_magnitude(fmt: str, t: dict, K: int, g: int) -> torch.Tensor:
 
 def _case(fmt: str, K: int, g: int, dtype: torch.dtype, seed: int):
     t = quantize(fmt, weights(N, K, seed), g)
-    w = layout.repack(fmt, {k: v.to(DEVICE) for k, v in t.items()}, K, g, dtype)
+    w = formats.get(fmt).triton_layout.repack({k: v.to(DEVICE) for k, v in t.items()}, K, g, dtype)
     x = torch.randn(max(MS), K, generator=torch.Generator().manual_seed(seed)).to(dtype)
     return t, w, x
 
 
 def _run(fmt, w, x, g, cfg, bias=None):
-    y = qgemm.linear(x.to(DEVICE), w, layout.FORMAT_CODES[fmt], g, N,
+    y = qgemm.linear(x.to(DEVICE), w, formats.get(fmt).triton_layout.code, g, N,
                      None if bias is None else bias.to(DEVICE), cfg)
     return y.cpu()
 
@@ -115,7 +115,7 @@ def test_k_not_a_multiple_of_8(fmt):
 def test_symmetric_int4():
     t = {k: v for k, v in zip(("qweight", "scales", "zeros"),
                               R.quantize_int4(weights(N, 128, 5), 64, symmetric=True), strict=True)}
-    w = layout.repack("int4", {k: v.to(DEVICE) for k, v in t.items()}, 128, 64, torch.float16)
+    w = layout.INT4.repack({k: v.to(DEVICE) for k, v in t.items()}, 128, 64, torch.float16)
     x = torch.randn(5, 128).half()
     assert_within_bound(_run("int4", w, x, 64, PATHS["tiled"]), reference("int4", x, t, 64), x,
                         _triton_magnitude("int4", t, 128, 64), roundings=3)
@@ -129,7 +129,7 @@ def test_bias_and_leading_dims_through_dispatch(path, monkeypatch):
     prepare, linear = dispatch.get_kernels("int4", "triton")
     prepared = prepare({k: v.to(DEVICE) for k, v in t.items()}, K=K, group_size=g,
                        act_dtype=torch.bfloat16)
-    prepared["plan"] = (PATHS[path],) * len(tuning.M_BUCKETS)
+    prepared.plan = (PATHS[path],) * len(tuning.M_BUCKETS)
     x, bias = torch.randn(2, 3, K).bfloat16(), torch.randn(N).bfloat16()
     y = linear(x.to(DEVICE), prepared, bias.to(DEVICE)).cpu()
     assert y.shape == (2, 3, N) and y.dtype == torch.bfloat16
@@ -163,12 +163,13 @@ def test_layout_round_trip():
 @pytest.mark.parametrize("fmt", ["int4", "nf4", "int8", "int8g"])
 def test_layout_dequantizes_to_the_stored_weights(fmt):
     t = quantize(fmt, weights(N, 320, 2), 128)
-    w = layout.repack(fmt, t, 320, 128, torch.float32)
+    lay = formats.get(fmt).triton_layout
+    w = lay.repack(t, 320, 128, torch.float32)
     ref = {"int4": lambda: R.dequantize_int4(t["qweight"], t["scales"], t["zeros"], 128, 320),
            "int8g": lambda: R.dequantize_int8g(t["qweight"], t["scales"], t["zeros"], 128, 320),
            "nf4": lambda: R.dequantize_nf4(t["qweight"], t["absmax"], 128, 320),
            "int8": lambda: R.dequantize_int8(t["qweight"], t["scales"])}[fmt]()
-    torch.testing.assert_close(layout.dequantize(fmt, w, 320, 128), ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(lay.dequantize(w, 320, 128), ref, rtol=0, atol=1e-6)
 
 
 # --- dispatch and tuning ---------------------------------------------------------------------
@@ -193,7 +194,7 @@ def test_tuner_picks_the_fastest_path_per_bucket_and_caches_it(tmp_path, caplog,
         return 1.0 if cfg.dense else 3.0
 
     t = quantize("int4", weights(64, 64, 0), 32)
-    w = layout.repack("int4", t, 64, 32, torch.bfloat16)
+    w = layout.INT4.repack(t, 64, 32, torch.bfloat16)
 
     def run(x, cfg):
         timed.append((cfg, x.shape[0]))
@@ -243,7 +244,7 @@ def test_tuning_measures_on_gpu(tmp_path, monkeypatch):
     prepare, _ = dispatch.get_kernels("int4", "triton")
     prepared = prepare({k: v.cuda() for k, v in t.items()}, K=256, group_size=128,
                        act_dtype=torch.float16)
-    assert len(prepared["plan"]) == len(tuning.M_BUCKETS)
+    assert len(prepared.plan) == len(tuning.M_BUCKETS)
     assert list((tmp_path / "tuning").glob("*.json"))
 
 
@@ -262,7 +263,7 @@ def test_quantized_model_runs_on_triton_kernels(tiny_llama, monkeypatch, quant):
     monkeypatch.setenv("NIBBLE_KERNELS", "triton")
     llm = LLM(str(tiny_llama), quant=quant, progress=False, max_model_len=128)
     linears = [m for m in llm.model.quant_linears().values() if str(m.spec) == quant]
-    assert linears and all("plan" in m.method._prepared for m in linears)
+    assert linears and all(hasattr(m.method._prepared, "plan") for m in linears)
     assert linears[0].method.kernel_path(1) == tuning.DEFAULT_PLAN[0].label
     logits = llm.score(ids)
     err = (logits - cpu_logits).abs().max().item()
