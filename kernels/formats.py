@@ -265,3 +265,6 @@ INT4 = _record("int4", "int4", ("qweight", "scales", "zeros"), reference.int4_li
 NF4 = _record("nf4", "nf4", ("qweight", "absmax"), reference.nf4_linear, _cpu_nf4,
               cpu.nf4_bytes, triton_layout.NF4, grouped=True, default_group=64, packed=True,
               examples=("nf4", "nf4-g32"))
+
+# Formats defined in their own modules register on import.
+from kernels import w8a8  # noqa: E402, F401

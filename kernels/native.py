@@ -34,7 +34,7 @@ log = logging.getLogger("nibble.kernels")
 
 SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("bindings.cpp", "int4_cpu.cpp", "paged_attention_cpu.cpp",
-                        "llama_decode_cpu.cpp", "int8_cpu.cpp")]
+                        "llama_decode_cpu.cpp", "int8_cpu.cpp", "w8a8_cpu.cpp")]
 NAME = "nibble_cpu_kernels"
 
 

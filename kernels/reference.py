@@ -15,6 +15,10 @@ Storage formats (weights are [N, K] = [out_features, in_features], y = x @ W.T):
         G = ceil(K/g).  W[n, k] = (q[n, k] - 8) * scales[n, k//g] + zeros[n, k//g]
 - nf4   (group-wise absmax): qweight uint8 [N, ceil(K/2)] packed as int4, absmax float32 [N, G].
         W[n, k] = NF4_CODEBOOK[q[n, k]] * absmax[n, k//g]
+- w8a8  (int8 weights and int8 activations): the weights as int8; optionally input_scale
+        float32 [1], a calibrated per-tensor activation scale ("static"). Each call rounds the
+        activations to int8 (quantize_activations: per row, or by input_scale), sums the
+        int8 x int8 products exactly (as int32) and scales the sums: see w8a8_linear.
 
 The last group may be ragged (K = 576, g = 128 gives groups 128, 128, 128, 128, 64); every
 function here accepts that. A group whose range is zero gets scale 0 (never a NaN): its
@@ -184,6 +188,34 @@ def nf4_linear(
 ) -> Tensor:
     """x [..., K] -> [..., N] in x.dtype; weights as in dequantize_nf4 with K = x.shape[-1]."""
     return _linear_f32(x, dequantize_nf4(qweight, absmax, group_size, x.shape[-1]), bias)
+
+
+def quantize_activations(x: Tensor, input_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """x [M, K] any float dtype -> (int8 [M, K], scales float32 [M]), symmetric: per row
+    (token), scale = absmax / 127 ("dynamic"), or the calibrated per-tensor `input_scale` for
+    every row ("static"). q = clamp(round(x * (1 / scale)), -127, 127) in float32 (round half
+    to even); a zero scale gives codes 0."""
+    xf = x.float()
+    if input_scale is None:
+        s = xf.abs().amax(dim=1) / 127.0
+    else:
+        s = input_scale.float().reshape(1).expand(x.shape[0]).contiguous()
+    q = torch.round(xf * _safe_reciprocal(s)[:, None]).clamp_(-127, 127)
+    return q.to(torch.int8), s
+
+
+def w8a8_linear(x: Tensor, qweight: Tensor, scales: Tensor, input_scale: Tensor | None = None,
+                bias: Tensor | None = None) -> Tensor:
+    """x [..., K] -> [..., N] in x.dtype. The activations are rounded by quantize_activations,
+    the int8 x int8 products summed exactly (acc, as an int32 would hold them), and
+    y = float32(acc) * sx[m] * scales[n] (+ bias), in float32 in that order, then x's dtype."""
+    K = x.shape[-1]
+    xq, sx = quantize_activations(x.reshape(-1, K), input_scale)
+    acc = xq.double() @ qweight.double().T  # exact: |acc| <= 127 * 127 * K < 2**53
+    y = acc.float() * sx[:, None] * scales.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 void int4_dequantize_t(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& bias,
                        int64_t group_size, at::Tensor& out);
 at::Tensor int8_linear_act8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale);
+at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                       double static_scale);
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
                                   const at::Tensor& context_lens, int64_t block_size,

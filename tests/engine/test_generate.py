@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.mark.parametrize("quant", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("quant", ["bf16", "int8", "int4", "w8a8"])
 def test_greedy_chat_answers_paris(llm_factory, quant):
     out = llm_factory(quant).chat(QUESTION, SamplingParams(max_tokens=24, temperature=0))[0]
     assert "Paris" in out.text
