@@ -17,6 +17,7 @@ from engine.layers.linear import QuantLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
 from kernels import cpu
+from kernels.w8a8 import W8A8Cpu
 
 
 def residual_dtype_for(act_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -133,8 +134,8 @@ class LlamaModel(nn.Module):
 
     def _native_decode_weights(self, device: torch.device, batch_invariant: bool):
         """(weights, groups) for kernels/csrc/llama_decode_cpu.cpp where every layer can take
-        it, else None: a CPU with the native kernels, every linear layer int4 on the native
-        kernel without bias or input permutation, no q/k norms, fp32 residual, and no
+        it, else None: a CPU with the native kernels, every linear layer int4 or w8a8 (K a
+        multiple of 32) on the native kernels without bias or input permutation, no q/k norms, fp32 residual, and no
         batch_invariant (the fused step keeps activations fp32 where the eager path rounds
         linear inputs and outputs to bf16, so a row's tokens could differ between a pure
         decode step and a step shared with a prompt chunk)."""
@@ -149,11 +150,17 @@ class LlamaModel(nn.Module):
                 weights.append(norm.weight.data.float().contiguous())
                 for lin in linears:
                     p = getattr(lin.method, "_prepared", None)
-                    if not isinstance(p, cpu.Int4Native) or lin.bias is not None \
-                            or lin.input_perm is not None:
+                    if lin.bias is not None or lin.input_perm is not None:
                         return None
-                    weights += [p.native, p.scale, p.bias]
-                    groups.append(p.group_size)
+                    if isinstance(p, cpu.Int4Native):
+                        weights += [p.native, p.scale, p.bias]
+                        groups.append(p.group_size)
+                    elif isinstance(p, W8A8Cpu) and p.native and p.qweight.shape[1] == p.K:
+                        static = p.input_scale if p.input_scale is not None else torch.empty(0)
+                        weights += [p.qweight, p.scales, static]
+                        groups.append(0)
+                    else:
+                        return None
         return weights, groups
 
     @torch.inference_mode()

@@ -1,10 +1,11 @@
 // Every decoder layer of a Llama decode step in one call, for models whose linear layers are
-// all int4 on the native kernel: the eager path's ~25 PyTorch ops per layer (each with its
-// Python and dispatcher overhead) become plain loops and the same int4 and attention cores.
-// Activations stay float32 between operations (the eager path rounds each linear layer's
-// input and output to bf16), and with act8 each int4 GEMM rounds its input to int8 per block
-// of 32 (int4_cpu.cpp), so results agree with the eager path to rounding, not bitwise; the
-// engine uses this only where batch invariance is not asked for.
+// all int4 or w8a8 on the native kernels: the eager path's ~25 PyTorch ops per layer (each
+// with its Python and dispatcher overhead) become plain loops and the same GEMM and attention
+// cores. Activations stay float32 between operations (the eager path rounds each linear
+// layer's input and output to bf16), and with act8 each int4 GEMM rounds its input to int8
+// per block of 32 (int4_cpu.cpp; a w8a8 GEMM always rounds it per row, w8a8_cpu.cpp), so
+// results agree with the eager path to rounding, not bitwise; the engine uses this only
+// where batch invariance is not asked for.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -67,32 +68,53 @@ __attribute__((target("avx2,fma"))) void silu_mul(const float* gu, int64_t ld, i
   }
 }
 
+// One linear layer: int4 (words int32 [Np/8, K/8, 8], scale and bias [K/group, Np]) or w8a8
+// (codes int8 [Np, Kp], scale [Np], static input scale: one value, or none for per-row).
 struct Linear {
-  const int32_t* w;
-  const float *scale, *bias;
-  int64_t K, Np, group;
+  const int32_t* w4 = nullptr;
+  const int8_t* w8 = nullptr;
+  const float *scale, *bias = nullptr;
+  int64_t K, Np, group = 0, Kp = 0;
+  float static_scale = -1.f;
 };
 
 Linear linear(const std::vector<at::Tensor>& ws, int64_t i, int64_t group) {
   const at::Tensor& w = ws[i];
-  TORCH_CHECK(w.dtype() == at::kInt && w.dim() == 3 && w.is_contiguous() &&
-                  ws[i + 1].is_contiguous() && ws[i + 2].is_contiguous(),
-              "int4 weights in the native layout");
-  return {w.data_ptr<int32_t>(), ws[i + 1].data_ptr<float>(), ws[i + 2].data_ptr<float>(),
-          w.size(1) * 8, w.size(0) * 8, group};
+  TORCH_CHECK(w.is_contiguous() && ws[i + 1].is_contiguous() && ws[i + 2].is_contiguous(),
+              "contiguous weights");
+  Linear l;
+  l.scale = ws[i + 1].data_ptr<float>();
+  if (w.dtype() == at::kChar) {  // w8a8; K is the padded width (the inputs fill it)
+    TORCH_CHECK(w.dim() == 2 && w.size(1) % 32 == 0, "w8a8 codes int8 [N, Kp]");
+    l.w8 = w.data_ptr<int8_t>();
+    l.K = l.Kp = w.size(1);
+    l.Np = w.size(0);
+    if (ws[i + 2].numel()) l.static_scale = ws[i + 2].data_ptr<float>()[0];
+    return l;
+  }
+  TORCH_CHECK(w.dtype() == at::kInt && w.dim() == 3, "int4 weights in the native layout");
+  l.w4 = w.data_ptr<int32_t>();
+  l.bias = ws[i + 2].data_ptr<float>();
+  l.K = w.size(1) * 8;
+  l.Np = w.size(0) * 8;
+  l.group = group;
+  return l;
 }
 
 void apply(const Linear& l, const float* x, int64_t T, float* y, bool act8) {
-  nibble::int4_gemm(x, T, l.K, l.w, l.scale, l.bias, l.Np, l.group, y, act8);
+  if (l.w8)
+    nibble::w8a8_gemm(x, T, l.K, l.w8, l.Kp, l.Np, l.scale, l.static_scale, y);
+  else
+    nibble::int4_gemm(x, T, l.K, l.w4, l.scale, l.bias, l.Np, l.group, y, act8);
 }
 
 }  // namespace
 
 // h [T, hidden] float32: the embedded tokens of T one-token sequences -> the hidden states
 // after the last layer (before the final norm). cos/sin [T, head_dim/2] at each row's
-// position. weights: per layer, in order, input norm [hidden]; qkv words, scale, bias; o
-// words, scale, bias; post-attention norm; gate|up words, scale, bias; down words, scale, bias.
-// groups: per layer the four kernel group sizes. k_caches/v_caches: per layer [Hkv, slots, D]
+// position. weights: per layer, in order, input norm [hidden]; qkv, o (three tensors each, see
+// Linear); post-attention norm; gate|up, down (three each). groups: per layer the four
+// kernel group sizes (0 for w8a8). k_caches/v_caches: per layer [Hkv, slots, D]
 // float32. slots int64 [T]: where each row's key and value go; block_tables/context_lens as
 // in paged_decode_attention (the contexts include the new token).
 at::Tensor llama_decode(const at::Tensor& h_in, const at::Tensor& cos, const at::Tensor& sin,

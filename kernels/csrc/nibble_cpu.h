@@ -101,6 +101,11 @@ __attribute__((target("avx2,fma"))) inline void quantize_activations(const float
 void int4_gemm(const float* x, int64_t M, int64_t K, const int32_t* packed, const float* scale,
                const float* bias, int64_t Np, int64_t group_size, float* y, bool act8);
 
+// y [M, N] = x [M, K] @ W^T for int8 weights w [N, Kp] (K padded with zeros to Kp, a multiple
+// of 32) and x rounded to int8 per row (static_scale < 0) or by static_scale: w8a8_cpu.cpp.
+void w8a8_gemm(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t Kp, int64_t N,
+               const float* scale, float static_scale, float* y);
+
 // Decode attention for B one-token sequences. q row b, head h at q + b * q_row + h * q_head;
 // keys/values of kv head j, slot s at k + j * head_stride + s * slot_stride (same for v); out
 // [B, H, D] contiguous.

@@ -78,6 +78,26 @@ constexpr DotFn kDots[kRows + 1] = {nullptr, dot_rows<1>, dot_rows<2>, dot_rows<
 
 }  // namespace
 
+namespace nibble {
+
+void w8a8_gemm(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t Kp, int64_t N,
+               const float* scale, float static_scale, float* y) {
+  std::vector<int8_t> xq(M * Kp);
+  std::vector<float> sx(M);
+  for (int64_t m = 0; m < M; ++m)
+    sx[m] = quantize_row(x + m * K, K, Kp, static_scale, xq.data() + m * Kp);
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t m = 0; m < M; m += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, M - m));
+        kDots[rows](xq.data() + m * Kp, sx.data() + m, Kp, w + n * Kp, scale[n], y + m * N + n,
+                    N);
+      }
+  });
+}
+
+}  // namespace nibble
+
 // x [M, K] float32; q [N, Kp] int8 (contiguous, Kp = K rounded up to 32, zeros past K);
 // scale [N] float32; static_scale < 0: per-row scales -> y [M, N] float32.
 at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
@@ -92,23 +112,9 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
                   x.size(1) > Kp - kBlock,
               "x must be float32 [M, K] with K rounded up to 32 equal to ", Kp);
   const at::Tensor xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1);
-  std::vector<int8_t> xq(M * Kp);
-  std::vector<float> sx(M);
-  const float* xp = xc.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    sx[m] = quantize_row(xp + m * K, K, Kp, static_cast<float>(static_scale), xq.data() + m * Kp);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const int8_t* wp = q.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
-      for (int64_t m = 0; m < M; m += kRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kRows, M - m));
-        kDots[rows](xq.data() + m * Kp, sx.data() + m, Kp, wp + n * Kp, sp[n], yp + m * N + n,
-                    N);
-      }
-  });
+  at::Tensor y = at::empty({xc.size(0), N}, x.options());
+  nibble::w8a8_gemm(xc.data_ptr<float>(), xc.size(0), xc.size(1), q.data_ptr<int8_t>(), Kp, N,
+                    scale.data_ptr<float>(), static_cast<float>(static_scale),
+                    y.data_ptr<float>());
   return y;
 }
