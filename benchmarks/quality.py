@@ -24,6 +24,13 @@ is the GGUF default model on its own blocks.
         --out benchmarks/results/gguf-fp32-2026-11-23.json
 
 --reference picks the A side of every row (default bf16).
+
+--smoothquant A[,A...] adds a row per alpha for `nibble quantize --method smoothquant --alpha A`
+(w8a8 with smoothing folded in, calibrated on the built-in text), and --act-scales
+dynamic,static picks which activation scales those rows use (a row each):
+
+    python benchmarks/quality.py --formats w8a8 --smoothquant 0.5,0.8 \\
+        --act-scales dynamic,static --out benchmarks/results/smoothquant-DATE.json
 """
 
 from __future__ import annotations
@@ -52,6 +59,9 @@ def main() -> None:
     ap.add_argument("--awq", type=int, metavar="G", help="also AWQ int4 with group size G")
     ap.add_argument("--act-order", action="store_true", help="the --gptq row with --act-order")
     ap.add_argument("--reference", default="bf16", help="the A side of every row (default bf16)")
+    ap.add_argument("--smoothquant", metavar="ALPHAS", help="also w8a8 smoothed at each alpha")
+    ap.add_argument("--act-scales", default="dynamic",
+                    help="the --smoothquant rows' activation scales: dynamic, static, or dynamic,static (a row each)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -59,17 +69,21 @@ def main() -> None:
     base = LLM(args.model, quant=args.reference, progress=False)
     rows = []
     variants = [(fmt, {"quant": fmt}) for fmt in args.formats.split(",")]
-    for method, group in (("gptq", args.gptq), ("awq", args.awq)):
-        if not group:
-            continue
+    calibrated = [(f"{m}{'-act-order' if m == 'gptq' and args.act_order else ''}-g{g}",
+                   [m, "--group-size", str(g), *(["--act-order"] if m == "gptq" and
+                                                 args.act_order else [])])
+                  for m, g in (("gptq", args.gptq), ("awq", args.awq)) if g]
+    for alpha in (args.smoothquant.split(",") if args.smoothquant else []):
+        for scales in args.act_scales.split(","):
+            calibrated.append((f"w8a8-sq{alpha}-{scales}", ["smoothquant", "--alpha", alpha,
+                                                            "--act-scales", scales]))
+    for label, (method, *flags) in calibrated:
         from server.cli import main as nibble
 
         out = Path(tempfile.mkdtemp(prefix=f"nibble-{method}-")) / method
-        order = ["--act-order"] if method == "gptq" and args.act_order else []
-        if nibble(["quantize", "--method", method, "--model", args.model, "--group-size",
-                   str(group), "--out", str(out), *order]) != 0:
-            sys.exit(f"nibble quantize --method {method} failed")
-        label = f"{method}{'-act-order' if order else ''}-g{group}"
+        if nibble(["quantize", "--method", method, "--model", args.model, *flags,
+                   "--out", str(out)]) != 0:
+            sys.exit(f"nibble quantize --method {method} {' '.join(flags)} failed")
         variants.append((label, {"model": str(out)}))
     for fmt, how in variants:
         llm = LLM(how.get("model", args.model), quant=how.get("quant"), progress=False)

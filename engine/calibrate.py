@@ -54,6 +54,22 @@ def collect_hessians(llm, chunks: list[list[int]], progress: bool = True) -> dic
     return hessians
 
 
+def collect_absmax(llm, chunks: list[list[int]], per_feature: bool = True,
+                   progress: bool = True) -> dict[str, Tensor]:
+    """The largest |x| of the input of every linear layer but lm_head over `chunks`, float32:
+    per input feature ([K], per_feature) or over the whole tensor ([1])."""
+    absmax: dict[str, Tensor] = {}
+
+    def record(name: str, x: Tensor) -> None:
+        m = x.abs().amax(0) if per_feature else x.abs().amax().reshape(1)
+        m = m.float()
+        have = absmax.get(name)
+        absmax[name] = m if have is None else torch.maximum(have, m)
+
+    _observe(llm, chunks, record, progress)
+    return absmax
+
+
 def quantize_model(model, hessians: dict[str, Tensor] | None, bits: int, group_size: int,
                    progress: bool = True, act_order: bool = False) -> dict[str, GPTQResult]:
     """GPTQ for every linear layer but lm_head (round-to-nearest without hessians)."""

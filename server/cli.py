@@ -19,7 +19,9 @@ layers are stored: fp32, bf16, fp16, int8, int4 (-g32/-g64/-g128, -sym) or nf4. 
 embeddings and norms stay 16-bit unless a --rule names them."""
 
 QUANT_HELP = ("storage of the linear layers: fp32, bf16, fp16, int8 (per channel; int8-g32 "
-              "group-wise), int4 (group 128; int4-g32, int4-g64, int4-sym), nf4 (group 64), or "
+              "group-wise), int4 (group 128; int4-g32, int4-g64, int4-sym), nf4 (group 64), "
+              "w8a8 (int8 weights per channel and int8 activations per token; `nibble quantize "
+              "--method smoothquant` first where activations have outliers), or "
               "gguf: a GGUF file on its own blocks (Q4_0/Q4_1 as int4-g32, Q8_0 as int8-g32, "
               "K-quants dequantized and requantized). Default: bf16, or what a pre-quantized "
               "checkpoint holds")
@@ -112,25 +114,39 @@ def build_parser() -> argparse.ArgumentParser:
                            "save safetensors + nibble_quant.json + tokenizer to --out. Loading it "
                            "later gives the same packed weights without quantizing again. With "
                            "--method gptq or awq: calibrate on --calib text and save a Hugging "
-                           "Face directory in that method's standard layout instead.")
+                           "Face directory in that method's standard layout instead. With "
+                           "--method smoothquant: calibrate on --calib text, move the "
+                           "activations' outliers into the weights (folded into the norms) and "
+                           "save a w8a8 nibble checkpoint.")
     quant.add_argument("--out", "-o", required=True, type=Path, help="output directory")
     m = quant.add_argument_group("method (default rtn: round to nearest with --quant/--rule, "
                                  "saved as a nibble checkpoint)")
-    m.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn", help="gptq or "
-                   "awq: calibrate on --calib text and quantize every linear layer but lm_head "
-                   "with GPTQ (error feedback through the inputs' Hessian) or AWQ (activation-"
-                   "aware per-feature scales folded into the norms), saved in that method's "
-                   "standard layout (config.json quantization_config; GPTQ: qweight/qzeros/"
-                   "scales/g_idx, AWQ: GEMM packing) that nibble and other tools load")
+    m.add_argument("--method", choices=["rtn", "gptq", "awq", "smoothquant"], default="rtn",
+                   help="gptq or awq: calibrate on --calib text and quantize every linear layer "
+                   "but lm_head with GPTQ (error feedback through the inputs' Hessian) or AWQ "
+                   "(activation-aware per-feature scales folded into the norms), saved in that "
+                   "method's standard layout (config.json quantization_config; GPTQ: qweight/"
+                   "qzeros/scales/g_idx, AWQ: GEMM packing) that nibble and other tools load. "
+                   "smoothquant: per-feature scales s = max|x|^alpha / max|w|^(1-alpha) from "
+                   "--calib text, folded into the norms (q|k|v, gate|up) and up's rows (down; "
+                   "o_proj is not smoothed), then every linear layer but lm_head stored as w8a8 "
+                   "(int8 weights per output channel, int8 activations) in a nibble checkpoint")
     _calib_args(m, tokens=16384, ctx=512, scored="")
-    m.add_argument("--bits", type=int, default=4, help="bits per weight: gptq 4 or 8 (8 loads "
+    m.add_argument("--bits", type=int, help="bits per weight: gptq 4 or 8 (8 loads "
                    "as group-wise int8), awq 4 (default 4)")
     m.add_argument("--act-order", action="store_true", help="gptq: quantize the input features "
                    "in order of decreasing Hessian diagonal (desc_act), so the loudest ones are "
                    "rounded first and the rest absorb their error; nibble serves it by "
                    "gathering each layer's input in the stored order")
-    m.add_argument("--group-size", type=int, default=128, help="weights per scale and zero point "
+    m.add_argument("--group-size", type=int, help="gptq, awq: weights per scale and zero point "
                    "along the input features: 32, 64 or 128 (default 128)")
+    m.add_argument("--alpha", type=float, help="smoothquant: the migration strength in [0, 1], "
+                   "the share of the activations' range moved into the weights (default 0.5; "
+                   "0.75-0.85 for models with large activation outliers)")
+    m.add_argument("--act-scales", choices=["dynamic", "static"], help="smoothquant: "
+                   "activation scales per token, from each row's absmax at run time (dynamic, "
+                   "the default), or one per layer calibrated on --calib text after smoothing "
+                   "and stored as input_scale (static)")
     _model_args(quant)
 
     insp = sub.add_parser("inspect", help="show which module gets which format, and weight bytes",

@@ -138,21 +138,19 @@ def chat(args: argparse.Namespace, cfg: EngineConfig) -> int:
 
 
 def quantize(args: argparse.Namespace, cfg: EngineConfig) -> int:
-    from pathlib import Path
-
     from engine import build
     from engine.checkpoint import save_checkpoint
     from engine.report import bytes_per_format, module_weights
 
     if args.out.exists() and any(args.out.iterdir()):
         raise ConfigError(f"{args.out} exists and is not empty; choose a new --out directory")
+    _method_flags(args)
+    if args.method == "smoothquant":
+        return _quantize_smoothquant(args, cfg)
     if args.method != "rtn":
         return _quantize_calibrated(args, cfg)
     loaded = build.load(cfg, prepare=False)
-    # where the 16-bit original lives, for compare and the quality gate: the alias, a path, a hub id
-    local = Path(cfg.model).expanduser()
-    source = loaded.source.alias or (str(local.resolve()) if local.exists() else cfg.model)
-    save_checkpoint(loaded.model, loaded.tokenizer, args.out, source)
+    save_checkpoint(loaded.model, loaded.tokenizer, args.out, _source_name(loaded, cfg))
     sizes = bytes_per_format(module_weights(loaded.model))
     print(f"saved {loaded.source.name} ({loaded.policy.describe()}) to {args.out}")
     for fmt, n in sorted(sizes.items()):
@@ -160,27 +158,55 @@ def quantize(args: argparse.Namespace, cfg: EngineConfig) -> int:
     return 0
 
 
-def _quantize_calibrated(args: argparse.Namespace, cfg: EngineConfig) -> int:
-    """--method gptq or awq: calibrate a float32 copy of the model, write the standard layout."""
+def _source_name(loaded, cfg: EngineConfig) -> str:
+    """Where the 16-bit original lives, for compare and the quality gate: the alias, a path,
+    a hub id."""
+    from pathlib import Path
+
+    local = Path(cfg.model).expanduser()
+    return loaded.source.alias or (str(local.resolve()) if local.exists() else cfg.model)
+
+
+def _method_flags(args: argparse.Namespace) -> None:
+    """A method's flags given with another method are refused; the rest get their defaults."""
+    from engine.quant import smoothquant
+
+    others = [flag for flag, given in (("--bits", args.bits is not None),
+                                       ("--group-size", args.group_size is not None),
+                                       ("--act-order", args.act_order)) if given]
+    smoothquant.check_flags(args.method, args.alpha, args.act_scales, others)
+    args.bits = 4 if args.bits is None else args.bits
+    args.group_size = 128 if args.group_size is None else args.group_size
+
+
+def _calibration_llm(args: argparse.Namespace, cfg: EngineConfig):
+    """-> (a float32 copy of the model, --calib's chunks, the text's name): exact inputs for
+    the statistics, and fast on CPU."""
     import dataclasses
 
-    from engine import calibrate
     from engine.eval.texts import calibration_text, corpus_chunks
     from engine.llm import LLM
+
+    if args.calib_tokens < args.calib_ctx or args.calib_ctx < 16:
+        raise ConfigError(f"--calib-tokens {args.calib_tokens} must hold at least one chunk of "
+                          f"--calib-ctx {args.calib_ctx} (at least 16) tokens")
+    text, name = calibration_text(args.calib)
+    llm = LLM(config=dataclasses.replace(cfg, quant="fp32", max_model_len=args.calib_ctx,
+                                         max_num_batched_tokens=args.calib_ctx))
+    chunks = corpus_chunks(llm.tokenizer, text, args.calib_ctx,
+                           max(2, args.calib_tokens // args.calib_ctx))
+    return llm, chunks, name
+
+
+def _quantize_calibrated(args: argparse.Namespace, cfg: EngineConfig) -> int:
+    """--method gptq or awq: calibrate a float32 copy of the model, write the standard layout."""
+    from engine import calibrate
 
     calibrate.check_options(args.method, args.bits, args.group_size, args.act_order)
     if cfg.quant or cfg.rules:
         raise ConfigError(f"--method {args.method} quantizes every linear layer but lm_head to "
                           "--bits and --group-size; drop --quant and --rule")
-    if args.calib_tokens < args.calib_ctx or args.calib_ctx < 16:
-        raise ConfigError(f"--calib-tokens {args.calib_tokens} must hold at least one chunk of "
-                          f"--calib-ctx {args.calib_ctx} (at least 16) tokens")
-    text, name = calibration_text(args.calib)
-    # a float32 copy: exact inputs for the statistics, and fast on CPU
-    llm = LLM(config=dataclasses.replace(cfg, quant="fp32", max_model_len=args.calib_ctx,
-                                         max_num_batched_tokens=args.calib_ctx))
-    chunks = corpus_chunks(llm.tokenizer, text, args.calib_ctx,
-                           max(2, args.calib_tokens // args.calib_ctx))
+    llm, chunks, name = _calibration_llm(args, cfg)
     start = time.perf_counter()
     if args.method == "gptq":
         results = calibrate.quantize_model(llm.model, calibrate.collect_hessians(llm, chunks),
@@ -195,6 +221,29 @@ def _quantize_calibrated(args: argparse.Namespace, cfg: EngineConfig) -> int:
     order = ", act-order" if args.act_order else ""
     print(f"saved {llm.loaded.source.name} as {args.method.upper()} int{args.bits}, group "
           f"{args.group_size}{order}, calibrated on {len(chunks) * args.calib_ctx} tokens of {name}, to "
+          f"{args.out} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def _quantize_smoothquant(args: argparse.Namespace, cfg: EngineConfig) -> int:
+    """--method smoothquant: smooth a float32 copy of the model, save it as a w8a8 nibble
+    checkpoint."""
+    from engine.quant import smoothquant
+
+    if (cfg.quant and cfg.quant.strip().lower() != smoothquant.FORMAT) or cfg.rules:
+        raise ConfigError(f"--method smoothquant stores every linear layer but lm_head as "
+                          f"{smoothquant.FORMAT}; drop --quant and --rule")
+    alpha = smoothquant.ALPHA if args.alpha is None else args.alpha
+    act_scales = args.act_scales or "dynamic"
+    llm, chunks, name = _calibration_llm(args, cfg)
+    start = time.perf_counter()
+    model = smoothquant.smoothquant(llm, chunks, alpha, act_scales)
+    tokens = len(chunks) * args.calib_ctx
+    smoothquant.save(model, llm.tokenizer, args.out, _source_name(llm.loaded, cfg),
+                     {"alpha": alpha, "act_scales": act_scales, "calibration": name,
+                      "calibration_tokens": tokens})
+    print(f"saved {llm.loaded.source.name} as {smoothquant.FORMAT} (SmoothQuant, alpha {alpha}, "
+          f"{act_scales} activation scales), calibrated on {tokens} tokens of {name}, to "
           f"{args.out} ({time.perf_counter() - start:.0f} s)")
     return 0
 

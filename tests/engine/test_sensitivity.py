@@ -28,6 +28,7 @@ from engine.sensitivity.reference import Reference, kld_rows
 from engine.sensitivity.results import WIDE, Scan, format_table
 from engine.sensitivity.scan import module_groups
 from engine.sensitivity.scan import scan as run_scan
+from tests.engine.fused import tied_copy
 
 FORMATS = ("int4-g32", "int8", "nf4-g32")
 SENSITIVE = "layers.1.mlp.down_proj"
@@ -58,20 +59,7 @@ def sensitive_llama(tiny_llama, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tied_llama(tiny_llama, tmp_path_factory):
     """tiny_llama with its lm_head tied to the embedding, as the default model's is."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path_factory.mktemp("tied-llama")
-    for f in tiny_llama.iterdir():
-        if f.is_file():
-            shutil.copy(f, out / f.name)
-    cfg = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps(cfg | {"tie_word_embeddings": True}))
-    tensors = load_file(out / "model.safetensors")
-    del tensors["lm_head.weight"]
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    return out
+    return tied_copy(tiny_llama, tmp_path_factory.mktemp("tied-llama"))
 
 
 @pytest.fixture(scope="module")
