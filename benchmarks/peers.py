@@ -80,6 +80,7 @@ def servers(args, port: int) -> dict[str, Server]:
                                       [*nibble, "--quant", "int4", "--decode-activations", "fp32"],
                                       args.model),
         "nibble-bf16": Server("nibble bf16", [*nibble, "--quant", "bf16"], args.model),
+        "nibble-w8a8": Server("nibble w8a8", [*nibble, "--quant", "w8a8"], args.model),
         "nibble-int4-lmhead8": Server("nibble int4, lm_head int8",
                                       [*nibble, "--quant", "int4", "--rule", "lm_head=int8"],
                                       args.model),
@@ -233,7 +234,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--servers", default="nibble-int4,nibble-int4-fp32act,nibble-bf16,"
+    ap.add_argument("--servers", default="nibble-int4,nibble-int4-fp32act,nibble-bf16,nibble-w8a8,"
                     "nibble-int4-lmhead8,"
                     "llama-server,vllm-auto,vllm-0-1")
     ap.add_argument("--levels", default="1,4,16,32", type=lambda v: [int(c) for c in v.split(",")])
