@@ -37,7 +37,7 @@ def _suggest(word: str, choices: list[str]) -> str:
 class QuantSpec:
     """One module's storage format, parsed from strings like ``int4-g64`` or ``int4-sym``."""
 
-    method: str  # fp32 | bf16 | fp16 | int8 | int4 | nf4
+    method: str  # fp32 | bf16 | fp16, or a format's family (kernels/formats.py): int8, int4, ...
     group_size: int | None = None  # int8: None is per output channel, a size is group-wise
     symmetric: bool = False
 

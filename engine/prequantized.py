@@ -94,13 +94,17 @@ class PrequantizedFormat:
         fmt = data.get("format")
         if fmt != "pack-quantized":
             raise CheckpointError(f"{path}: compressed-tensors format {fmt!r} is not supported; "
-                                  "nibble loads pack-quantized (W4A16, W8A16) checkpoints")
+                                  "nibble loads pack-quantized (W4A16, W8A16) checkpoints (for "
+                                  "W8A8, quantize the 16-bit model with `nibble quantize "
+                                  "--method smoothquant`)")
         groups = list((data.get("config_groups") or {}).values())
         if not groups:
             raise CheckpointError(f"{path}: compressed-tensors config has no config_groups")
         if any(g.get("input_activations") or g.get("output_activations") for g in groups):
             raise CheckpointError(f"{path}: compressed-tensors schemes that quantize activations "
-                                  "are not supported; nibble serves weight-only W4A16/W8A16")
+                                  "are not supported; nibble loads weight-only W4A16/W8A16 (for "
+                                  "W8A8, quantize the 16-bit model with `nibble quantize "
+                                  "--method smoothquant`)")
         schemes = {json.dumps(g.get("weights"), sort_keys=True) for g in groups}
         if len(schemes) != 1:
             raise CheckpointError(f"{path}: compressed-tensors config groups with different "

@@ -51,7 +51,7 @@ Chosen: dequantize once at prepare, F.linear per call: 5-30x faster than any pat
 keeps 4-bit codes resident, because CPU gathers do not vectorize and every call would
 re-expand N*K values; the cost is 16-bit weight memory for nf4 layers on CPU.
 
-Batch-size dispatch (int4, int8). The fused ops scale like a GEMV: each row re-reads the
+Batch-size dispatch (int4, int8, and w8a8 in kernels/w8a8.py). The fused ops scale like a GEMV: each row re-reads the
 weights, so a 512-row prefill chunk costs about 512 single-row calls. Past some M it is
 faster to dequantize the layer per call into an fp32 scratch buffer (shared by all layers of
 a shape, so no weight copy stays resident) and run one fp32 GEMM that reuses each weight
@@ -178,8 +178,6 @@ def linear(x: Tensor, prepared: CpuLayout, bias: Tensor | None = None) -> Tensor
     return prepared.linear(x, bias)
 
 
-def path(prepared: CpuLayout, M: int) -> str:
-    return prepared.path(M)
 
 
 _SCRATCH: dict[tuple, Tensor] = {}

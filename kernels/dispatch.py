@@ -11,10 +11,13 @@ Every format and backend has this same signature, so callers never branch on eit
 formats and their kernels are records in kernels/formats.py; `stored_tensors` uses the
 storage names of kernels/reference.py.
 
-Backends: "cpu" (PyTorch's fused CPU ops, kernels/cpu.py) on CPU; "triton" (kernels/triton/)
-on CUDA, where its prepare also measures, per batch-size bucket, whether the fused kernel or
-dequantize-then-torch.matmul is faster, and `linear` picks by the number of rows;
-"reference" (kernels/reference.py) on CUDA without Triton, and in tests.
+Backends: "cpu" (kernels/cpu.py and nibble's native kernels) on CPU; "triton" (kernels/triton/)
+on CUDA, where the dequantize-GEMM formats' prepare also measures, per batch-size bucket,
+whether the fused kernel or dequantize-then-torch.matmul is faster; "reference"
+(kernels/reference.py) on CUDA without Triton, and in tests. What prepare returns names the
+path a call with M rows takes: `prepared.path(M)` ("cpu-fused", "cpu-native", "cpu-dense",
+"reference", "w8a8-gemm", or the Triton plan's "tiled", "split-k", "gemv",
+"dequant-matmul"), for logs and metrics.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -34,7 +37,7 @@ log = logging.getLogger("nibble.kernels")
 Backend = Literal["cpu", "reference", "triton"]
 
 BACKENDS: tuple[str, ...] = ("cpu", "reference", "triton")
-__all__ = ["BACKENDS", "LinearFn", "PrepareFn", "backend_for", "get_kernels", "path_label"]
+__all__ = ["BACKENDS", "LinearFn", "PrepareFn", "backend_for", "get_kernels"]
 
 
 @functools.cache
@@ -65,13 +68,6 @@ def backend_for(device: torch.device | str) -> Backend:
     if kind == "cuda":
         return "triton" if triton_available() else "reference"
     raise ValueError(f"no quantized kernels for device type {kind!r}; use 'cpu' or 'cuda'")
-
-
-def path_label(backend: str, prepared: Any, M: int) -> str:
-    """The name of the path a call with M rows takes, for logs and metrics: "cpu-fused",
-    "cpu-native", "cpu-dense", "reference", or the Triton plan's "tiled", "split-k", "gemv"
-    or "dequant-matmul". (Every prepared form names its own; `backend` is kept for callers.)"""
-    return prepared.path(M)
 
 
 def get_kernels(fmt: str, backend: str) -> tuple[PrepareFn, LinearFn]:

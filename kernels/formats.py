@@ -3,8 +3,10 @@ a format lives in its `Format`, and the tables elsewhere (the `--quant` spelling
 engine/config.py, the kernel table in kernels/dispatch.py, the memory estimate in
 engine/plan.py) are read off these records.
 
-A new format is a new module that builds a `Format` and calls `register` (w8a8.py), plus a
-QuantMethod registered in engine/quant/ for its quantizer; nothing else names it.
+A new format is a new module that builds a `Format` and calls `register` (w8a8.py; imported
+at the end of this file), plus a QuantMethod registered in engine/quant/ for its quantizer;
+the tables need no edit. (A format with its own CPU layout may also join the fused decode
+step, engine/models/llama.py, as w8a8 does.)
 
 Every backend's kernels have one signature, so callers never branch on the format:
 
@@ -103,10 +105,6 @@ def get(name: str) -> Format:
     if name not in _FORMATS:
         raise ValueError(f"unknown quantized format {name!r}; valid: {', '.join(_FORMATS)}")
     return _FORMATS[name]
-
-
-def names() -> tuple[str, ...]:
-    return tuple(_FORMATS)
 
 
 def by_family(family: str) -> Format | None:

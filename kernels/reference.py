@@ -190,18 +190,19 @@ def nf4_linear(
     return _linear_f32(x, dequantize_nf4(qweight, absmax, group_size, x.shape[-1]), bias)
 
 
-def quantize_activations(x: Tensor, input_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def quantize_activations(x: Tensor, input_scale: Tensor | None = None,
+                         as_int8: bool = True) -> tuple[Tensor, Tensor]:
     """x [M, K] any float dtype -> (int8 [M, K], scales float32 [M]), symmetric: per row
     (token), scale = absmax / 127 ("dynamic"), or the calibrated per-tensor `input_scale` for
     every row ("static"). q = clamp(round(x * (1 / scale)), -127, 127) in float32 (round half
-    to even); a zero scale gives codes 0."""
+    to even); a zero scale gives codes 0. as_int8=False: the codes as the float32 integers."""
     xf = x.float()
     if input_scale is None:
         s = xf.abs().amax(dim=1) / 127.0
     else:
         s = input_scale.float().reshape(1).expand(x.shape[0]).contiguous()
     q = torch.round(xf * _safe_reciprocal(s)[:, None]).clamp_(-127, 127)
-    return q.to(torch.int8), s
+    return (q.to(torch.int8) if as_int8 else q), s
 
 
 def w8a8_linear(x: Tensor, qweight: Tensor, scales: Tensor, input_scale: Tensor | None = None,

@@ -15,7 +15,7 @@ from engine.errors import ConfigError, NibbleError
 DESCRIPTION = """\
 nibble runs quantized LLMs. Point it at a model (an alias such as smollm2-135m, a Hugging Face
 directory, a .gguf file, or a checkpoint saved by `nibble quantize`) and choose how its linear
-layers are stored: fp32, bf16, fp16, int8, int4 (-g32/-g64/-g128, -sym) or nf4. lm_head,
+layers are stored: fp32, bf16, fp16, int8, int4 (-g32/-g64/-g128, -sym), nf4 or w8a8. lm_head,
 embeddings and norms stay 16-bit unless a --rule names them."""
 
 QUANT_HELP = ("storage of the linear layers: fp32, bf16, fp16, int8 (per channel; int8-g32 "

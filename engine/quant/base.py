@@ -123,9 +123,7 @@ class PackedMethod(StoredMethod):
 
     def kernel_path(self, M: int) -> str:
         """Which kernel path serves a call with M rows (a label for logs and metrics)."""
-        from kernels import dispatch
-
-        return dispatch.path_label(self._backend, self._prepared, M)
+        return self._prepared.path(M)
 
     def config(self) -> dict:
         out = {"format": str(self.spec)}

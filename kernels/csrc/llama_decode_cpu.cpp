@@ -85,7 +85,8 @@ Linear linear(const std::vector<at::Tensor>& ws, int64_t i, int64_t group) {
   Linear l;
   l.scale = ws[i + 1].data_ptr<float>();
   if (w.dtype() == at::kChar) {  // w8a8; K is the padded width (the inputs fill it)
-    TORCH_CHECK(w.dim() == 2 && w.size(1) % 32 == 0, "w8a8 codes int8 [N, Kp]");
+    TORCH_CHECK(w.dim() == 2 && w.size(1) % 32 == 0 && ws[i + 1].numel() == w.size(0),
+                "w8a8 codes int8 [N, Kp] and scales [N]");
     l.w8 = w.data_ptr<int8_t>();
     l.K = l.Kp = w.size(1);
     l.Np = w.size(0);

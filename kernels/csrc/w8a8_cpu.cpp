@@ -3,7 +3,8 @@
 // int32, scaled once at the end. kernels/reference.py (quantize_activations, w8a8_linear) is
 // the definition; this kernel computes it bit for bit.
 //
-// Rounding a row: s = max|x| / 127 (or the static scale), inv = 1 / s (0 where s is 0),
+// Rounding a row: s = max|x| / 127 (or the static scale), inv = 1 / max(s, FLT_MIN) (0 where
+// s is 0),
 // q = clamp(round_half_even(x * inv), -127, 127): the reference's operations in its order.
 // The products: vpsignb moves the weight's sign onto the activation, vpmaddubsw multiplies
 // |w| by it into int16 pairs (at most 2 * 127 * 127, no saturation), vpmaddwd sums pairs into
@@ -19,6 +20,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -42,7 +44,7 @@ float quantize_row(const float* x, int64_t K, int64_t Kp, float static_scale, in
     for (int64_t k = 0; k < K; ++k) top = std::max(top, std::fabs(x[k]));
     s = top / 127.0f;
   }
-  const float inv = s > 0.f ? 1.0f / s : 0.f;
+  const float inv = s > 0.f ? 1.0f / std::max(s, FLT_MIN) : 0.f;
   for (int64_t k = 0; k < K; ++k) {
     const float q = std::nearbyint(x[k] * inv);  // the default mode: to nearest, ties to even
     xq[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, q)));
@@ -84,8 +86,10 @@ void w8a8_gemm(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t Kp
                const float* scale, float static_scale, float* y) {
   std::vector<int8_t> xq(M * Kp);
   std::vector<float> sx(M);
-  for (int64_t m = 0; m < M; ++m)
-    sx[m] = quantize_row(x + m * K, K, Kp, static_scale, xq.data() + m * Kp);
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      sx[m] = quantize_row(x + m * K, K, Kp, static_scale, xq.data() + m * Kp);
+  });
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n)
       for (int64_t m = 0; m < M; m += kRows) {

@@ -60,7 +60,7 @@ def _check(fmt: str, N: int, K: int, g: int, dtype: torch.dtype, seed: int,
 def test_int4_matchesreference(N, K, g, dtype, native_path):
     prepared = _check("int4", N, K, g, dtype, seed=N + K + g, native_path=native_path)
     # Every shape here is served by a fast path; ragged groups shrink the kernel group.
-    assert cpu.path(prepared, 1) == fast_label(native_path)
+    assert prepared.path(1) == fast_label(native_path)
     assert prepared.group_size == min(g, K & -K)
 
 
@@ -77,7 +77,7 @@ def test_int8_matchesreference(N, K, dtype):
 @pytest.mark.parametrize("N", NS)
 def test_group_wise_int8_matches_reference(N, K, g, dtype):
     prepared = _check("int8g", N, K, g, dtype, seed=N + K + g)
-    assert cpu.path(prepared, 1) == "cpu-dense"  # dequantized per call: no fused op exists
+    assert prepared.path(1) == "cpu-dense"  # dequantized per call: no fused op exists
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -217,7 +217,7 @@ def test_dense_path_matches_reference(fmt, N, K, g, dtype, native_path):
     A = magnitude(fmt, t, K, g)
     x_all = torch.randn(64, K, generator=torch.Generator().manual_seed(N)).to(dtype)
     for M in MS:
-        assert dispatch.path_label("cpu", prepared, M) == \
+        assert prepared.path(M) == \
             (fast_label(native_path) if M < 3 else "cpu-dense")
         x = x_all[:M]
         y = linear(x, prepared)
@@ -313,7 +313,7 @@ def test_dense_path_reads_every_layout(capability, N, K, g, dtype):
     prepared.packed, prepared.pack = pack_like_torch(codes, capability), layout
     prepared.dense_from = 1
     x = torch.randn(17, K, generator=torch.Generator().manual_seed(g)).to(dtype)
-    assert cpu.path(prepared, 1) == "cpu-dense"
+    assert prepared.path(1) == "cpu-dense"
     assert_within_bound(cpu.linear(x, prepared), reference("int4", x, t, g), x,
                         magnitude("int4", t, K, g))
 
@@ -338,7 +338,7 @@ def test_unknown_pack_layout_keeps_the_fused_op(monkeypatch, caplog):
         monkeypatch.undo()
         cpu.int4_pack_layout.cache_clear()
     assert prepared.pack is None and prepared.dense_from is None
-    assert [cpu.path(prepared, M) for M in (1, 512)] == ["cpu-fused", "cpu-fused"]
+    assert [prepared.path(M) for M in (1, 512)] == ["cpu-fused", "cpu-fused"]
 
 
 @pytest.mark.parametrize("native_path", INT4_PATHS, ids=fast_label)
@@ -356,7 +356,7 @@ def test_dense_crossover_is_measured_once_per_shape(monkeypatch, caplog, native_
     assert timed == [(512, True), (512, False), (256, True), (256, False), (128, True),
                      (128, False), (64, True), (64, False)]
     assert "dequantize + fp32 GEMM from M 128" in caplog.text
-    assert [cpu.path(prepared, m) for m in (1, 127, 128, 512)] == \
+    assert [prepared.path(m) for m in (1, 127, 128, 512)] == \
         [fast, fast, "cpu-dense", "cpu-dense"]
     timed.clear()
     again = cpu.int4_prepare(t["qweight"], t["scales"], t["zeros"], 64, 256, native=native_path)
