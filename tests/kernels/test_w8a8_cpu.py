@@ -105,3 +105,16 @@ def test_the_spelling_and_its_errors():
         QuantSpec.parse("w8a8-g32")
     with pytest.raises(Exception, match="w8a8"):  # listed among the valid spellings
         QuantSpec.parse("w8a9")
+
+
+@needs_native
+def test_a_row_of_subnormal_scale_rounds_as_the_reference():
+    """absmax / 127 below float32's smallest normal: the scale is clamped before 1 / s (as
+    the reference does), so zeros stay code 0 instead of 0 * inf."""
+    t, _ = _case(16, 64, 5, False)
+    prepared = w8a8.cpu_prepare(t, K=64, group_size=None, act_dtype=torch.float32)
+    x = torch.zeros(2, 64)
+    x[0, ::3] = 1e-37
+    x[1, 5] = -3e-38
+    assert torch.equal(cpu.linear(x, prepared), _reference(x, t))
+    assert torch.equal(prepared.dense(x), _reference(x, t))
