@@ -146,6 +146,12 @@ class CpuLayout:
         """Every tensor the layout holds (its resident bytes)."""
         return [v for f in fields(self) if isinstance(v := getattr(self, f.name), Tensor)]
 
+    def fused_step(self) -> tuple[list[Tensor], int] | None:
+        """What the fused decode step (kernels/csrc/llama_decode_cpu.cpp) takes for this layer:
+        three tensors and a group size, in one of the forms its `Linear` reads; None where it
+        cannot run this layer."""
+        return None
+
 
 @dataclass
 class Dense(CpuLayout):
@@ -479,6 +485,9 @@ class Int4Native(_Int4Layout):
     def fused(self, x2: Tensor) -> Tensor:
         return native_kernels.load().int4_linear(x2, self.native, self.scale, self.bias,
                                                  self.group_size, self.N, False)
+
+    def fused_step(self) -> tuple[list[Tensor], int]:
+        return [self.native, self.scale, self.bias], self.group_size
 
     def dense_t(self) -> Tensor:
         """fp32 W^T [K, Np] from the native layout, into a shared scratch buffer."""

@@ -5,8 +5,8 @@ engine/plan.py) are read off these records.
 
 A new format is a new module that builds a `Format` and calls `register` (w8a8.py; imported
 at the end of this file), plus a QuantMethod registered in engine/quant/ for its quantizer;
-the tables need no edit. (A format with its own CPU layout may also join the fused decode
-step, engine/models/llama.py, as w8a8 does.)
+the tables need no edit. (Its CPU layout joins the fused decode step by answering
+`fused_step()`, as w8a8's does.)
 
 Every backend's kernels have one signature, so callers never branch on the format:
 

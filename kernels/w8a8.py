@@ -61,6 +61,13 @@ class W8A8Cpu(cpu.CpuLayout):
     def path(self, M: int) -> str:
         return super().path(M) if self.native else "cpu-dense"
 
+    def fused_step(self) -> tuple[list[Tensor], int] | None:
+        """The codes, scales and static scale (empty: per-row), where K needs no padding."""
+        if not self.native or self.qweight.shape[1] != self.K:
+            return None
+        static = self.input_scale if self.input_scale is not None else torch.empty(0)
+        return [self.qweight, self.scales, static], 0
+
     def fused(self, x2: Tensor) -> Tensor:
         """The kernel reads float32 rows: a bf16 x is widened once (M x K, small next to the
         GEMM)."""

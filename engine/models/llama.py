@@ -17,7 +17,6 @@ from engine.layers.linear import QuantLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
 from kernels import cpu
-from kernels.w8a8 import W8A8Cpu
 
 
 def residual_dtype_for(act_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -134,11 +133,12 @@ class LlamaModel(nn.Module):
 
     def _native_decode_weights(self, device: torch.device, batch_invariant: bool):
         """(weights, groups) for kernels/csrc/llama_decode_cpu.cpp where every layer can take
-        it, else None: a CPU with the native kernels, every linear layer int4 or w8a8 (K a
-        multiple of 32) on the native kernels without bias or input permutation, no q/k norms, fp32 residual, and no
-        batch_invariant (the fused step keeps activations fp32 where the eager path rounds
-        linear inputs and outputs to bf16, so a row's tokens could differ between a pure
-        decode step and a step shared with a prompt chunk)."""
+        it, else None: a CPU with the native kernels, every linear layer on a layout the step
+        takes (CpuLayout.fused_step: int4 on the native kernel, w8a8 with K a multiple of 32)
+        without bias or input permutation, no q/k norms, fp32 residual, and no batch_invariant
+        (the fused step keeps activations fp32 where the eager path rounds linear inputs and
+        outputs to bf16, so a row's tokens could differ between a pure decode step and a step
+        shared with a prompt chunk)."""
         if device.type != "cpu" or batch_invariant or self.residual_dtype != torch.float32 \
                 or self.config.qk_norm:
             return None
@@ -150,17 +150,11 @@ class LlamaModel(nn.Module):
                 weights.append(norm.weight.data.float().contiguous())
                 for lin in linears:
                     p = getattr(lin.method, "_prepared", None)
-                    if lin.bias is not None or lin.input_perm is not None:
+                    step = p.fused_step() if isinstance(p, cpu.CpuLayout) else None
+                    if step is None or lin.bias is not None or lin.input_perm is not None:
                         return None
-                    if isinstance(p, cpu.Int4Native):
-                        weights += [p.native, p.scale, p.bias]
-                        groups.append(p.group_size)
-                    elif isinstance(p, W8A8Cpu) and p.native and p.qweight.shape[1] == p.K:
-                        static = p.input_scale if p.input_scale is not None else torch.empty(0)
-                        weights += [p.qweight, p.scales, static]
-                        groups.append(0)
-                    else:
-                        return None
+                    weights += step[0]
+                    groups.append(step[1])
         return weights, groups
 
     @torch.inference_mode()
