@@ -185,6 +185,35 @@ def awq_search(w: Tensor, x_mean: Tensor, x: Tensor, group_size: int) -> Tensor:
     return best_s
 
 
+def fold_scales(model, i: int, w: dict[str, Tensor], key: str, s: Tensor) -> None:
+    """Per-input-feature scales s [K] for linear layer `key` of decoder layer i (AWQ's and
+    SmoothQuant's migration): its input is divided by s where it is produced and its weight's
+    columns multiplied by s, so the float model computes the same function. The producer:
+    input_layernorm for "self_attn.qkv_proj", post_attention_layernorm for
+    "mlp.gate_up_proj" (the norm's weight, in place, in float32 rounded once), up's rows of
+    w["mlp.gate_up_proj"] for "mlp.down_proj", v's rows of w["self_attn.qkv_proj"] for
+    "self_attn.o_proj" (right only where every query head has its own value head). `w` holds
+    the layer's float weights by key, changed in place; row and column scalings commute, so
+    the keys fold in any order."""
+    layer, cfg = model.layers[i], model.config
+    if key == "self_attn.qkv_proj":
+        _divide(layer.input_layernorm.weight, s)
+    elif key == "mlp.gate_up_proj":
+        _divide(layer.post_attention_layernorm.weight, s)
+    elif key == "mlp.down_proj":
+        w["mlp.gate_up_proj"][cfg.intermediate_size:] /= s[:, None]
+    elif key == "self_attn.o_proj":
+        w["self_attn.qkv_proj"][cfg.q_size + cfg.kv_size:] /= s[:, None]
+    else:
+        raise ValueError(f"no producer to fold scales for {key!r} into")
+    w[key] *= s
+
+
+def _divide(weight: Tensor, s: Tensor) -> None:
+    """A norm's weight / s, computed in float32 and stored in the weight's dtype."""
+    weight.data = (weight.data.float() / s.to(weight.device)).to(weight.dtype)
+
+
 def awq_model(model, inputs: dict[str, tuple[Tensor, Tensor]], group_size: int,
               progress: bool = True) -> dict[str, GPTQResult]:
     """Per decoder layer: scales for q|k|v (folded into input_layernorm), gate|up (folded into
@@ -194,21 +223,13 @@ def awq_model(model, inputs: dict[str, tuple[Tensor, Tensor]], group_size: int,
     cfg = model.config
     out = {}
     for i in progress_bar(range(cfg.num_layers), desc="quantizing", unit="layer", enabled=progress):
-        layer = model.layers[i]
         names = {k: f"layers.{i}.{k}" for k in ("self_attn.qkv_proj", "self_attn.o_proj",
                                                "mlp.gate_up_proj", "mlp.down_proj")}
         w = {k: model.get_submodule(n).method.dequantize() for k, n in names.items()}
         s = {k: awq_search(w[k], *inputs[n], group_size) for k, n in names.items()
              if k != "self_attn.o_proj" or cfg.num_heads == cfg.num_kv_heads}
-        inter = cfg.intermediate_size
-        w["mlp.gate_up_proj"][inter:] /= s["mlp.down_proj"][:, None]  # up's rows take down's
-        layer.input_layernorm.weight.data /= s["self_attn.qkv_proj"].to(layer.input_layernorm.weight.dtype)
-        layer.post_attention_layernorm.weight.data /= s["mlp.gate_up_proj"].to(
-            layer.post_attention_layernorm.weight.dtype)
-        if "self_attn.o_proj" in s:  # v's rows take o's (multi-head attention only)
-            q_kv = cfg.num_heads * cfg.head_dim + cfg.num_kv_heads * cfg.head_dim
-            w["self_attn.qkv_proj"][q_kv:] /= s["self_attn.o_proj"][:, None]
+        for k, scales in s.items():  # all searched on the unscaled weights, then folded
+            fold_scales(model, i, w, k, scales)
         for k, n in names.items():
-            scaled = w[k] * s[k] if k in s else w[k]
-            out[n] = rtn_quantize(scaled, 4, group_size)
+            out[n] = rtn_quantize(w[k], 4, group_size)
     return out

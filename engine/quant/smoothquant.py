@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from engine.calibrate import collect_absmax
+from engine.calibrate import collect_absmax, fold_scales
 from engine.checkpoint import QUANT_FILE, save_checkpoint
 from engine.config import QuantPolicy, QuantSpec
 from engine.errors import ConfigError
@@ -49,6 +49,8 @@ FORMAT = "w8a8"
 ALPHA = 0.5
 ACT_SCALES = ("dynamic", "static")
 SCALE_RANGE = (1e-5, 1e5)
+# the smoothed linear layers of a decoder layer, down first (see the module docstring)
+SMOOTHED = ("mlp.down_proj", "mlp.gate_up_proj", "self_attn.qkv_proj")
 INT8_MAX = 127.0
 
 
@@ -67,38 +69,20 @@ def smooth_model(model: LlamaModel, act_absmax: dict[str, Tensor], alpha: float 
     hold their float weights: fp32, or 16-bit without a packed-only GEMM copy). act_absmax:
     collect_absmax's per-feature maxima. -> s [K] per smoothed linear layer."""
     check_alpha(alpha)
-    inter = model.config.intermediate_size
     scales: dict[str, Tensor] = {}
     for i in progress_bar(range(model.config.num_layers), desc="smoothing", unit="layer",
                           enabled=progress):
-        layer, p = model.layers[i], f"layers.{i}"
-        mlp = layer.mlp
-        w_gu = mlp.gate_up_proj.method.dequantize().clone()
-        s = scales[f"{p}.mlp.down_proj"] = _smooth(mlp.down_proj, act_absmax[f"{p}.mlp.down_proj"],
-                                                   alpha)
-        w_gu[inter:] /= s[:, None]  # up's rows take down's 1 / s
-        s = scales[f"{p}.mlp.gate_up_proj"] = _smooth(
-            mlp.gate_up_proj, act_absmax[f"{p}.mlp.gate_up_proj"], alpha, w_gu)
-        _divide(layer.post_attention_layernorm.weight, s)
-        s = scales[f"{p}.self_attn.qkv_proj"] = _smooth(
-            layer.self_attn.qkv_proj, act_absmax[f"{p}.self_attn.qkv_proj"], alpha)
-        _divide(layer.input_layernorm.weight, s)
+        linears = {k: model.get_submodule(f"layers.{i}.{k}") for k in SMOOTHED}
+        w = {k: lin.method.dequantize().clone() for k, lin in linears.items()}
+        for k in SMOOTHED:  # in order: gate_up's s sees up's rows divided by down's
+            s = scales[f"layers.{i}.{k}"] = smooth_scales(
+                act_absmax[f"layers.{i}.{k}"], w[k], alpha).to(w[k].device)
+            fold_scales(model, i, w, k, s)
+        for k, lin in linears.items():
+            # load and prepare again: a prepared copy (a packed 16-bit GEMM weight) must follow
+            lin.method.load(lin.method.quantize(w[k]))
+            lin.method.prepare(w[k].device)
     return scales
-
-
-def _smooth(linear, act_absmax: Tensor, alpha: float, w: Tensor | None = None) -> Tensor:
-    """W' = W diag(s) for a float linear layer (w: its weight where already changed) -> s."""
-    w = linear.method.dequantize().clone() if w is None else w
-    s = smooth_scales(act_absmax, w, alpha).to(w.device)
-    # load and prepare again: a prepared copy (a packed 16-bit GEMM weight) must follow
-    linear.method.load(linear.method.quantize(w * s))
-    linear.method.prepare(w.device)
-    return s
-
-
-def _divide(weight: Tensor, s: Tensor) -> None:
-    """A norm's weight / s, computed in float32 and stored in the weight's dtype."""
-    weight.data = (weight.data.float() / s.to(weight.device)).to(weight.dtype)
 
 
 def w8a8_model(model: LlamaModel, input_absmax: dict[str, Tensor] | None = None,
