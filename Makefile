@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.nibble-installed
 
-.PHONY: setup serve chat generate test lint bench bench-gpu
+.PHONY: setup serve chat generate test test-cluster lint bench bench-gpu
 
 setup: $(STAMP)
 
@@ -30,7 +30,12 @@ generate: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/cluster
+
+# `nibble serve --ray` on local Ray clusters (about 4 minutes); adds Ray Serve to the venv.
+test-cluster: setup
+	$(PY) -m pip install --quiet -e ".[dev,cluster]"
+	$(PY) -m pytest -q tests/cluster
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -67,18 +67,30 @@ class ServerState:
         scores a sample of what they serve (it may be one of them)."""
         from server.quality import Shadow
 
-        self.variants = variants
         # the engine thread steps the shadow too (POST /v1/compare generates with it), but
         # only the served variants are listed and routed
         stepped = variants + [shadow] if shadow is not None and all(shadow is not v for v in variants) \
             else variants
-        self.engine = AsyncEngine(stepped, self.settings.max_queued, self.metrics, self.torch)
-        self.metrics.watch(self.engine)
+        engine = AsyncEngine(stepped, self.settings.max_queued, self.metrics, self.torch)
+        self.metrics.watch(engine)
         if shadow is not None:
-            self.shadow = Shadow(self.engine, shadow, self.settings.shadow_rate, self.metrics,
+            self.shadow = Shadow(engine, shadow, self.settings.shadow_rate, self.metrics,
                                  self.settings.shadow_seed)
-        self.engine.start()
+        self.attach(engine, variants)
+
+    def attach(self, engine, variants: list) -> None:
+        """Serves `variants` through `engine` from now on: this process's AsyncEngine, or the
+        Ray replicas' (server.cluster.ingress.RayEngine), which the routes use the same way."""
+        self.variants = variants
+        self.engine = engine
+        engine.start()
         self.phase = "ready"
+
+    async def render_metrics(self) -> bytes:
+        """/metrics: this process's registry, and every replica's series under a `replica`
+        label when the engine has replicas."""
+        scrape = getattr(self.engine, "scrape", None)
+        return self.metrics.render(await scrape() if scrape is not None else None)
 
     def variant(self, name: str | None) -> Variant:
         if not self.variants:
@@ -100,6 +112,14 @@ class ServerState:
         if v.name not in self._token_text:
             self._token_text[v.name] = TokenText(v.tokenizer)
         return self._token_text[v.name]
+
+    async def compare(self, req) -> dict:
+        """POST /v1/compare: run here, or on one replica when the replicas are elsewhere."""
+        from server.quality import compare_job
+
+        if isinstance(self.engine, AsyncEngine):
+            return await compare_job(self, req)
+        return await self.engine.compare(req)
 
     @property
     def healthy_phase(self) -> str:
@@ -258,18 +278,48 @@ async def serve(settings: ServerSettings, model_name: str, configs: list[tuple[s
                 shadow: tuple[str, EngineConfig] | None = None) -> int:
     """The `nibble serve` process: listen, load (and pass the quality gate), serve until
     SIGTERM/SIGINT, drain, exit. Returns the exit status (3: the quality gate failed)."""
-    from server.quality import GATE_EXIT, GateFailed
+    from server.quality import GateFailed
 
+    def load(server: Server):
+        log.info("listening on http://%s:%d; loading %d variant(s) of %s", settings.host,
+                 server.port, len(configs), model_name)
+        return asyncio.wrap_future(server.state.torch.submit(
+            prepare, model_name, configs, shadow, settings.quality_gate,
+            settings.quality_gate_tokens))
+
+    def ready(server: Server, loaded) -> int | None:
+        try:
+            variants, reference = loaded.result()
+        except GateFailed as exc:
+            return gate_failed(exc)
+        server.ready(variants, reference)
+        log.info("ready: %s on http://%s:%d/v1", ", ".join(v.name for v in variants),
+                 settings.host, server.port)
+        return None
+
+    return await run_server(settings, load, ready)
+
+
+def gate_failed(report) -> int:
+    """Says why the quality gate stopped the server; the exit status."""
+    from server.quality import GATE_EXIT
+
+    log.error("%s\nnot serving: the variant does not meet --quality-gate", report)
+    return GATE_EXIT
+
+
+async def run_server(settings: ServerSettings, load: Callable[[Server], asyncio.Future],
+                     ready: Callable[[Server, asyncio.Future], int | None]) -> int:
+    """A server process's life: listen at once, `load(server)` (a future) while /health says
+    "loading", then `ready(server, that future)`: it attaches the engine and returns None, or
+    an exit status not to serve with; serve until SIGTERM/SIGINT, drain, exit 0."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = Server(settings)
     await server.start()
-    log.info("listening on http://%s:%d; loading %d variant(s) of %s", settings.host,
-             server.port, len(configs), model_name)
-    loading = asyncio.wrap_future(server.state.torch.submit(
-        prepare, model_name, configs, shadow, settings.quality_gate, settings.quality_gate_tokens))
+    loading = load(server)
     waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait([loading, waiter], return_when=asyncio.FIRST_COMPLETED)
     if not loading.done():
@@ -277,19 +327,15 @@ async def serve(settings: ServerSettings, model_name: str, configs: list[tuple[s
         await server.stop(0)
         return 0
     try:
-        variants, reference = loading.result()
-    except GateFailed as exc:
-        waiter.cancel()
-        await server.stop(0)
-        log.error("%s\nnot serving: the variant does not meet --quality-gate", exc)
-        return GATE_EXIT
+        status = ready(server, loading)
     except Exception:
         waiter.cancel()
         await server.stop(0)
         raise
-    server.ready(variants, reference)
-    log.info("ready: %s on http://%s:%d/v1", ", ".join(v.name for v in variants),
-             settings.host, server.port)
+    if status is not None:
+        waiter.cancel()
+        await server.stop(0)
+        return status
     await waiter
     log.info("draining: up to %.0f s for %d in-flight requests", settings.shutdown_timeout,
              server.state.engine.in_flight())

@@ -121,39 +121,31 @@ class Stream:
     tokens: dict[int, int] = field(default_factory=dict)  # completion index -> tokens seen
 
 
-class AsyncEngine:
-    def __init__(self, variants: list[Variant], max_queued: int, metrics=None,
-                 thread: TorchThread | None = None):
-        """thread: where the variants were loaded (a new one if None)."""
-        self.thread = thread or TorchThread()
+class Requests:
+    """What the routes see of an engine, whichever runs the requests: the in-flight streams,
+    admission (429 past each replica's batch plus --max-queued, 503 when stopped or
+    draining) and draining. AsyncEngine runs them in this process; server.cluster's
+    RayEngine in Ray Serve replicas."""
+
+    def __init__(self, variants: list, max_queued: int):
         self.variants = {v.name: v for v in variants}
         self.max_queued = max_queued
-        self.metrics = metrics
-        # called on the loop with (stream, output) for every finished request (shadow A/B)
-        self.on_finished: Callable[[Stream, RequestOutput], None] | None = None
-        self._cmds: queue.Queue = queue.Queue()
-        self._tasks: deque = deque()  # engine thread only: (fn, future) idle tasks
-        self._streams: dict[str, Stream] = {}
-        self._ids = itertools.count()
-        self._stats: dict[str, EngineStats] = {v.name: v.engine.stats() for v in variants}
         self.dead: BaseException | None = None
         self.accepting = True
+        # called on the loop with (stream, output) for every finished request (shadow A/B)
+        self.on_finished: Callable[[Stream, RequestOutput], None] | None = None
+        self._streams: dict[str, Stream] = {}
+        self._ids = itertools.count()
         self._idle = asyncio.Event()
         self._idle.set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._running: concurrent.futures.Future | None = None
 
-    # ------------------------------------------------------------ loop side
-
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._running = self.thread.submit(self._run)
+    def replica_count(self) -> int:
+        """Engines that serve each variant (their capacities add up)."""
+        return 1
 
     def in_flight(self, variant: Variant | None = None) -> int:
         return sum(1 for s in self._streams.values() if variant is None or s.variant is variant)
-
-    def stats(self, name: str) -> EngineStats:
-        return self._stats[name]
 
     def check_capacity(self, variant: Variant, count: int) -> None:
         """Raises 429 when `count` more requests would overflow the variant's queue, and 503
@@ -163,37 +155,24 @@ class AsyncEngine:
                            "generate any more", code="engine_dead")
         if not self.accepting:
             raise APIError(503, "the server is shutting down", code="shutting_down")
-        limit = variant.max_running + self.max_queued
-        if self.in_flight(variant) + count > limit:
+        n = self.replica_count()
+        if self.in_flight(variant) + count > n * (variant.max_running + self.max_queued):
+            each = f" on each of {n} replicas" if n > 1 else ""
             raise APIError(429, f"{variant.name} is at capacity ({variant.max_running} running, "
-                           f"{self.max_queued} queued); retry shortly", code="queue_full")
+                           f"{self.max_queued} queued{each}); retry shortly", code="queue_full")
 
-    def submit(self, variant: Variant, prompt_ids: list[int], params: SamplingParams,
-               sink: asyncio.Queue, tag: int = 0, prompt: str | None = None,
-               arrival: float | None = None) -> Stream:
-        """Queues one engine request; its outputs arrive in `sink` as (tag, output).
-        `arrival` (perf_counter) starts its latency clocks; default now."""
+    def _new_stream(self, variant, prompt_ids: list[int], sink: asyncio.Queue, tag: int,
+                    arrival: float | None) -> Stream:
         self.check_capacity(variant, 1)
-        rid = f"r{next(self._ids)}"
-        stream = Stream(rid, variant, sink, tag, list(prompt_ids))
+        stream = Stream(f"r{next(self._ids)}", variant, sink, tag, list(prompt_ids))
         if arrival is not None:
             stream.start = arrival
-        self._streams[rid] = stream
+        self._streams[stream.request_id] = stream
         self._idle.clear()
-        if self.metrics:
-            self.metrics.prompt_tokens(variant, len(prompt_ids))
-        self._cmds.put(("add", variant, rid, list(prompt_ids), params, prompt))
         return stream
 
     def abort(self, stream: Stream) -> None:
-        """Ends a request the client no longer waits for; the engine drops it before its next
-        step. A finished request is left alone."""
-        if self._streams.pop(stream.request_id, None) is None:
-            return
-        if self.metrics:
-            self.metrics.finished(stream.variant, "abort", time.perf_counter() - stream.start)
-        self._cmds.put(("abort", stream.variant, stream.request_id))
-        self._check_idle()
+        raise NotImplementedError
 
     async def drain(self, timeout: float) -> int:
         """Stops accepting, waits up to `timeout` s for in-flight requests, aborts the rest;
@@ -207,6 +186,53 @@ class AsyncEngine:
                                                "finished", code="shutting_down")))
             self.abort(s)
         return len(left)
+
+    def _check_idle(self) -> None:
+        if not self._streams:
+            self._idle.set()
+
+
+class AsyncEngine(Requests):
+    def __init__(self, variants: list[Variant], max_queued: int, metrics=None,
+                 thread: TorchThread | None = None):
+        """thread: where the variants were loaded (a new one if None)."""
+        super().__init__(variants, max_queued)
+        self.thread = thread or TorchThread()
+        self.metrics = metrics
+        self._cmds: queue.Queue = queue.Queue()
+        self._tasks: deque = deque()  # engine thread only: (fn, future) idle tasks
+        self._stats: dict[str, EngineStats] = {v.name: v.engine.stats() for v in variants}
+        self._running: concurrent.futures.Future | None = None
+
+    # ------------------------------------------------------------ loop side
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._running = self.thread.submit(self._run)
+
+    def stats(self, name: str) -> EngineStats:
+        return self._stats[name]
+
+    def submit(self, variant: Variant, prompt_ids: list[int], params: SamplingParams,
+               sink: asyncio.Queue, tag: int = 0, prompt: str | None = None,
+               arrival: float | None = None) -> Stream:
+        """Queues one engine request; its outputs arrive in `sink` as (tag, output).
+        `arrival` (perf_counter) starts its latency clocks; default now."""
+        stream = self._new_stream(variant, prompt_ids, sink, tag, arrival)
+        if self.metrics:
+            self.metrics.prompt_tokens(variant, len(prompt_ids))
+        self._cmds.put(("add", variant, stream.request_id, list(prompt_ids), params, prompt))
+        return stream
+
+    def abort(self, stream: Stream) -> None:
+        """Ends a request the client no longer waits for; the engine drops it before its next
+        step. A finished request is left alone."""
+        if self._streams.pop(stream.request_id, None) is None:
+            return
+        if self.metrics:
+            self.metrics.finished(stream.variant, "abort", time.perf_counter() - stream.start)
+        self._cmds.put(("abort", stream.variant, stream.request_id))
+        self._check_idle()
 
     def run_idle(self, fn: Callable[[], object]) -> asyncio.Future:
         """Runs fn() on the engine thread when no engine has work; its result (or exception)
@@ -223,10 +249,6 @@ class AsyncEngine:
             with contextlib.suppress(concurrent.futures.TimeoutError):
                 self._running.result(timeout=30)
         self.thread.shutdown()
-
-    def _check_idle(self) -> None:
-        if not self._streams:
-            self._idle.set()
 
     def _dispatch(self, variant: Variant, outputs: list[RequestOutput]) -> None:
         now = time.perf_counter()

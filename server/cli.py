@@ -172,7 +172,14 @@ A/B comparisons. SIGTERM or Ctrl-C drains: /health turns 503, new requests are r
 
   nibble serve --model smollm2-135m --quant int4
   nibble serve --variants bf16,int4 --port 8080 --api-key secret
-  nibble serve --quant int8 --shadow bf16 --shadow-rate 0.05 --quality-gate 'kld<0.01'"""
+  nibble serve --quant int8 --shadow bf16 --shadow-rate 0.05 --quality-gate 'kld<0.01'
+
+With --ray (pip install 'nibble[cluster]') the engines run in Ray Serve replicas, on this
+machine or across a Ray cluster, behind this process's HTTP layer; every flag above applies to
+each replica. Requests whose prompts share a prefix go to the replica that has it cached.
+
+  nibble serve --ray --replicas 2 --threads 1
+  nibble serve --ray --ray-address auto --autoscale 1:4     # after `ray start` on each machine"""
 
 
 def _serve_parser(sub) -> None:
@@ -222,6 +229,22 @@ def _serve_parser(sub) -> None:
     e.add_argument("--kv-cache-memory", type=float, help="KV-cache size: bytes, or a fraction "
                    "(0-1] of memory, a container's memory limit where it is lower (default: enough "
                    "for max-num-seqs full-length sequences, at most 10%% of memory)")
+    r = serve.add_argument_group("scaling out on Ray Serve (or a [ray] table in --config)")
+    r.add_argument("--ray", action="store_true", help="serve from Ray Serve replicas, each one "
+                   "engine set with the model, variants and limits above; this process keeps "
+                   "the HTTP API and routes each request to a replica")
+    r.add_argument("--replicas", type=int, help="replicas to run (default 1)")
+    r.add_argument("--autoscale", metavar="MIN:MAX", help="let Ray Serve scale between MIN and "
+                   "MAX replicas on the ongoing requests per replica; a replica scaled down "
+                   "finishes its in-flight requests first")
+    r.add_argument("--target-ongoing", type=float, metavar="N", help="--autoscale: ongoing "
+                   "requests per replica Ray Serve aims for (default: --max-num-seqs)")
+    r.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster ('auto': the one "
+                   "`ray start` began on this machine; or HOST:PORT of its head); default: start "
+                   "a local cluster for this server's life")
+    r.add_argument("--router", choices=("prefix", "pow2"), help="prefix (default): a prompt goes "
+                   "to the replica that already holds its prefix unless that one is much busier, "
+                   "else to the less busy of two; pow2: Ray Serve's own two-choice routing")
     _model_args(serve)
 
 
@@ -445,7 +468,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     if args.command != "serve" and "variants" in data:
         raise ConfigError(f"config key 'variants' is read by `nibble serve` only, not by "
                           f"`nibble {args.command}`; give --quant instead")
+    if args.command != "serve" and "ray" in data:
+        raise ConfigError(f"config table [ray] is read by `nibble serve` only, not by "
+                          f"`nibble {args.command}`")
     if args.command == "serve":
+        args.ray_table = data.pop("ray", None)
         file_variants = data.pop("variants", None)
         if args.variants is None and file_variants is not None:
             if not isinstance(file_variants, list) or not all(isinstance(q, str) for q in file_variants):

@@ -56,7 +56,37 @@ def serve(args: argparse.Namespace, cfg: EngineConfig) -> int:
         max_body_bytes=int(args.max_body_mb * 2**20), shadow_rate=args.shadow_rate,
         quality_gate=gate, quality_gate_tokens=args.quality_gate_tokens)
     model_name = hub.resolve_model(cfg.model).name
+    if args.ray or args.ray_table is not None or any(
+            getattr(args, k) is not None for k in ("replicas", "autoscale", "ray_address")):
+        return _serve_ray(args, cfg, settings, model_name, configs, shadow)
     return asyncio.run(run_server(settings, model_name, configs, shadow))
+
+
+def _serve_ray(args, cfg: EngineConfig, settings, model_name: str, configs: list,
+               shadow) -> int:
+    """`nibble serve --ray`: each replica loads what this process would have loaded, with
+    --threads per replica (default: this machine's cores shared by the replicas)."""
+    import asyncio
+    import dataclasses
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        raise ConfigError("--ray needs Ray Serve: pip install 'nibble[cluster]' (or "
+                          "'ray[serve]')")
+    from server.cluster.ingress import cluster_settings
+    from server.cluster.ingress import serve as serve_ray
+    from server.cluster.replica import ReplicaSpec
+
+    flags = {"address": args.ray_address, "replicas": args.replicas, "autoscale": args.autoscale,
+             "target_ongoing": args.target_ongoing, "router": args.router}
+    cluster = cluster_settings(args.ray_table, flags, cfg.device, cfg.threads, os.cpu_count() or 1)
+    threads = cfg.threads if cluster.gpus else (cfg.threads or int(cluster.cpus))
+    configs = tuple((q, dataclasses.replace(c, threads=threads)) for q, c in configs)
+    if shadow is not None:
+        shadow = (shadow[0], dataclasses.replace(shadow[1], threads=threads))
+    spec = ReplicaSpec(model_name, configs, shadow, settings)
+    return asyncio.run(serve_ray(settings, cluster, spec))
 
 
 def _params(args: argparse.Namespace) -> SamplingParams:

@@ -15,6 +15,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 
 LABELS = ("model", "quantization")
 # Seconds. CPU decode steps take tens of milliseconds, first tokens up to seconds.
@@ -116,8 +117,21 @@ class Metrics:
     def http_status(self, endpoint: str, status: int) -> None:
         self.http.labels(endpoint, str(status)).inc()
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, replicas: dict[str, str] | None = None) -> bytes:
+        """The exposition text; `replicas` ({replica id: that replica's own exposition text})
+        merges every replica's series in, each under a `replica` label."""
+        if not replicas:
+            return generate_latest(self.registry)
+        families = {f.name: f for f in self.registry.collect()}
+        for replica, text in sorted(replicas.items()):
+            for fam in text_string_to_metric_families(text):
+                samples = [s._replace(labels={**s.labels, "replica": replica}) for s in fam.samples]
+                if fam.name in families:
+                    families[fam.name].samples.extend(samples)
+                else:
+                    fam.samples = samples
+                    families[fam.name] = fam
+        return generate_latest(_Families(list(families.values())))
 
 
 class _EngineCollector:
@@ -158,3 +172,13 @@ class _EngineCollector:
             for v in variants:
                 fam.add_metric(_labels(v), get(engine.stats(v.name)))
             yield fam
+
+
+class _Families:
+    """Metric families already collected, for generate_latest."""
+
+    def __init__(self, families: list):
+        self.families = families
+
+    def collect(self):
+        return self.families

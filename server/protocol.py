@@ -33,6 +33,9 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
 
+    def __reduce__(self):  # crosses process boundaries (Ray replicas -> the ingress)
+        return APIError, (self.status, self.message), self.__dict__
+
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}

@@ -187,7 +187,7 @@ class Routes:
     async def metrics(self, request: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        return web.Response(body=self.state.metrics.render(),
+        return web.Response(body=await self.state.render_metrics(),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def tokenize(self, request: web.Request) -> web.Response:
@@ -219,12 +219,10 @@ class Routes:
     async def compare(self, request: web.Request) -> web.Response:
         """A small A/B job between two loaded variants (default: the shadow reference or the
         first variant, against the first other); returns the compare report's JSON."""
-        from server.quality import compare_job
-
         req = parse_compare(await self._body(request))
         if self.state.phase != "ready":
             self._variant(None)  # the 503 of a server that is not ready
-        return web.json_response(await compare_job(self.state, req))
+        return web.json_response(await self.state.compare(req))
 
 
 class _Outputs:

@@ -1,0 +1,10 @@
+"""`nibble serve --ray`: the same server, its engines in Ray Serve replicas on many machines.
+
+One process keeps the HTTP layer (server/app.py and server/routes.py, unchanged): it
+tokenizes, validates, streams and answers errors exactly as a one-process server does. Its
+engine is `ingress.RayEngine`, which sends each request through a Ray Serve deployment handle
+to a replica (`replica.NibbleReplica`: one process with one nibble engine set, the same
+AsyncEngine, metrics and shadow scoring as `nibble serve`). Which replica takes a request is
+decided in the ingress by `router.PrefixAffinityRouter`; `live` is the ingress's record of the
+replicas that router sees. Ray itself (`pip install 'nibble[cluster]'`) is imported only here.
+"""
