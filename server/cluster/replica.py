@@ -12,6 +12,7 @@ a one-process server would.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ class VariantInfo:
 
 
 class NibbleReplica:
-    def __init__(self, spec: ReplicaSpec):
+    async def __init__(self, spec: ReplicaSpec):
         from ray import serve
 
         from server.quality import GateFailed
@@ -58,9 +59,9 @@ class NibbleReplica:
         self.state = ServerState(spec.settings)
         self.gate_error: str | None = None
         try:
-            self._loaded = self.state.torch.run(
+            self._loaded = await asyncio.wrap_future(self.state.torch.submit(
                 prepare, spec.model_name, list(spec.configs), spec.shadow,
-                spec.settings.quality_gate, spec.settings.quality_gate_tokens)
+                spec.settings.quality_gate, spec.settings.quality_gate_tokens))
         except GateFailed as exc:  # reported by info(); the ingress exits 3
             self.gate_error, self._loaded = str(exc), ([], None)
         log.info("replica %s loaded %s", self.replica_id,
@@ -93,7 +94,15 @@ class NibbleReplica:
         try:
             while True:
                 _, out = await sink.get()
-                yield out
+                # steps that piled up while the last one was in transit travel as one
+                while not sink.empty() and not isinstance(out, Exception) and not out.finished:
+                    _, later = sink.get_nowait()
+                    if isinstance(later, Exception):
+                        yield _slim(out)
+                        out = later
+                        break
+                    out = _merge(out, later)
+                yield _slim(out)
                 if isinstance(out, Exception) or out.finished:
                     return
         finally:
@@ -114,3 +123,20 @@ class NibbleReplica:
         """Ray Serve calls this periodically; a dead engine thread gets the replica replaced."""
         if self.state.engine is not None and self.state.engine.dead is not None:
             raise RuntimeError(f"the engine stopped: {self.state.engine.dead!r}")
+
+
+def _slim(out):
+    """An output as the ingress reads it: without the prompt, which the ingress has (its ids
+    stay where an echo's prompt logprobs need them)."""
+    if isinstance(out, Exception):
+        return out
+    ids = out.prompt_token_ids if out.prompt_logprobs is not None else []
+    return dataclasses.replace(out, prompt=None, prompt_token_ids=ids)
+
+
+def _merge(earlier, later):
+    """Two consecutive outputs of one request as one: the later (token ids, text and logprobs
+    are cumulative) with both steps' new text."""
+    before = {c.index: c.delta for c in earlier.outputs}
+    return dataclasses.replace(later, outputs=[
+        dataclasses.replace(c, delta=before.get(c.index, "") + c.delta) for c in later.outputs])

@@ -4,6 +4,7 @@ deployment itself is tested in tests/cluster (make test-cluster)."""
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
@@ -112,3 +113,34 @@ def test_metrics_of_replicas_merge_under_a_replica_label():
     assert counts == {"a1": 1.0, "b2": 1.0}
     rss = [s.labels.get("replica") for s in families["process_resident_memory_bytes"].samples]
     assert sorted(rss, key=str) == sorted([None, "a1", "b2"], key=str)  # the ingress's and each replica's
+
+
+def test_outputs_that_pile_up_in_a_replica_travel_as_one():
+    """Steps a replica's stream could not send yet merge into one output whose new text is
+    both steps' (token ids, text and logprobs are cumulative already); the prompt stays
+    behind unless an echo's prompt logprobs need its ids."""
+    from engine.sequence import CompletionOutput, RequestOutput
+    from server.cluster.replica import _merge, _slim
+
+    def out(step, texts, finished=False, prompt_logprobs=None):
+        outs = [CompletionOutput(i, "".join(t[:step]), list(range(step)), None, None, t[step - 1])
+                for i, t in enumerate(texts)]
+        return RequestOutput("r0", "the prompt", [5, 6, 7], outs, finished, prompt_logprobs)
+
+    a, b = ["x", "y", "z"], ["p", "q", "r"]
+    merged = _merge(_merge(out(1, [a, b]), out(2, [a, b])), out(3, [a, b]))
+    assert [c.delta for c in merged.outputs] == ["xyz", "pqr"]
+    assert [c.text for c in merged.outputs] == ["xyz", "pqr"]
+    assert merged.outputs[0].token_ids == [0, 1, 2]
+    # a completion that finished in the earlier step repeats with no new text: nothing doubles
+    first = out(1, [a, b])
+    second = RequestOutput("r0", None, [], [dataclasses.replace(first.outputs[0], delta=""),
+                                            CompletionOutput(1, "pq", [0, 1], None, None, "q")],
+                           False)
+    assert [c.delta for c in _merge(first, second).outputs] == ["x", "pq"]
+    slim = _slim(out(1, [a]))
+    assert slim.prompt is None and slim.prompt_token_ids == []
+    assert _slim(out(1, [a], prompt_logprobs=[None, {6: -1.0}, {7: -2.0}])).prompt_token_ids == [5, 6, 7]
+    err = APIError(503, "x")
+    assert _slim(err) is err
+
