@@ -32,7 +32,7 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests --ignore=tests/cluster
 
-# `nibble serve --ray` on local Ray clusters (about 4 minutes); adds Ray Serve to the venv.
+# `nibble serve --ray` on local Ray clusters (about 5 minutes); adds Ray Serve to the venv.
 test-cluster: setup
 	$(PY) -m pip install --quiet -e ".[dev,cluster]"
 	$(PY) -m pytest -q tests/cluster

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from engine.config import EngineConfig
-from server.async_engine import AsyncEngine, TorchThread, Variant
+from server.async_engine import AsyncEngine, Requests, TorchThread, Variant
 from server.metrics import Metrics
 from server.protocol import APIError
 from server.responses import TokenText
@@ -55,7 +55,7 @@ class ServerState:
         self.metrics = Metrics()
         self.phase = "loading"  # loading | ready | draining | dead
         self.variants: list[Variant] = []
-        self.engine: AsyncEngine | None = None
+        self.engine: Requests | None = None
         self.shadow = None  # server.quality.Shadow
         self.created = int(time.time())
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nibble-tokenize")
@@ -89,8 +89,7 @@ class ServerState:
     async def render_metrics(self) -> bytes:
         """/metrics: this process's registry, and every replica's series under a `replica`
         label when the engine has replicas."""
-        scrape = getattr(self.engine, "scrape", None)
-        return self.metrics.render(await scrape() if scrape is not None else None)
+        return self.metrics.render(await self.engine.scrape() if self.engine is not None else None)
 
     def variant(self, name: str | None) -> Variant:
         if not self.variants:
@@ -114,12 +113,8 @@ class ServerState:
         return self._token_text[v.name]
 
     async def compare(self, req) -> dict:
-        """POST /v1/compare: run here, or on one replica when the replicas are elsewhere."""
-        from server.quality import compare_job
-
-        if isinstance(self.engine, AsyncEngine):
-            return await compare_job(self, req)
-        return await self.engine.compare(req)
+        """POST /v1/compare: run where the engine runs (here, or on one replica)."""
+        return await self.engine.compare(self, req)
 
     @property
     def healthy_phase(self) -> str:

@@ -171,8 +171,26 @@ class Requests:
         self._idle.clear()
         return stream
 
+    def start(self) -> None:
+        """On the event loop, before the first request."""
+        self._loop = asyncio.get_running_loop()
+
+    def stop(self) -> None:
+        """After draining; may block (the server calls it in a thread)."""
+
     def abort(self, stream: Stream) -> None:
         raise NotImplementedError
+
+    async def scrape(self) -> dict[str, str] | None:
+        """Other processes' /metrics text by replica id, for the server's /metrics to merge;
+        None where every engine is in this process."""
+        return None
+
+    async def compare(self, state, req) -> dict:
+        """A POST /v1/compare job (server.quality.compare_job) where the variants are."""
+        from server.quality import compare_job
+
+        return await compare_job(state, req)
 
     async def drain(self, timeout: float) -> int:
         """Stops accepting, waits up to `timeout` s for in-flight requests, aborts the rest;
@@ -207,7 +225,7 @@ class AsyncEngine(Requests):
     # ------------------------------------------------------------ loop side
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        super().start()
         self._running = self.thread.submit(self._run)
 
     def stats(self, name: str) -> EngineStats:

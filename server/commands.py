@@ -56,8 +56,8 @@ def serve(args: argparse.Namespace, cfg: EngineConfig) -> int:
         max_body_bytes=int(args.max_body_mb * 2**20), shadow_rate=args.shadow_rate,
         quality_gate=gate, quality_gate_tokens=args.quality_gate_tokens)
     model_name = hub.resolve_model(cfg.model).name
-    if args.ray or args.ray_table is not None or any(
-            getattr(args, k) is not None for k in ("replicas", "autoscale", "ray_address")):
+    if args.ray or args.ray_table is not None or any(getattr(args, k) is not None for k in (
+            "replicas", "autoscale", "ray_address", "router", "target_ongoing")):
         return _serve_ray(args, cfg, settings, model_name, configs, shadow)
     return asyncio.run(run_server(settings, model_name, configs, shadow))
 
@@ -85,7 +85,8 @@ def _serve_ray(args, cfg: EngineConfig, settings, model_name: str, configs: list
     configs = tuple((q, dataclasses.replace(c, threads=threads)) for q, c in configs)
     if shadow is not None:
         shadow = (shadow[0], dataclasses.replace(shadow[1], threads=threads))
-    spec = ReplicaSpec(model_name, configs, shadow, settings)
+    # the replicas never see HTTP, so the API key stays in this process
+    spec = ReplicaSpec(model_name, configs, shadow, dataclasses.replace(settings, api_key=None))
     return asyncio.run(serve_ray(settings, cluster, spec))
 
 

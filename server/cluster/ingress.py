@@ -44,16 +44,19 @@ class ClusterSettings:
     imbalance: int = 4  # prefix router: a cached replica this much busier is passed over
     app: str = "nibble"  # the Ray Serve application: one per server sharing a cluster
 
-    def deployment_options(self, settings: ServerSettings, max_running: int,
-                           block_size: int) -> dict:
+    def deployment_options(self, settings: ServerSettings, configs) -> dict:
+        """Ray Serve's options for the replicas of `configs` (the served variants' engine
+        configs, which share one KV block size)."""
         from ray.serve.config import RequestRouterConfig
 
-        kwargs = {"block_size": block_size, "imbalance": self.imbalance} \
+        kwargs = {"block_size": configs[0].block_size, "imbalance": self.imbalance} \
             if self.router == "prefix" else {}
+        max_running = sum(c.max_num_seqs for c in configs)
         opts = {
             "ray_actor_options": {"num_cpus": self.cpus, "num_gpus": self.gpus},
-            # one replica's share of the ingress's capacity, plus room for /metrics scrapes
-            "max_ongoing_requests": max_running + settings.max_queued + 4,
+            # what a replica admits (each variant's batch and queue), plus room for scrapes;
+            # a replica that is full for one variant answers 429 and the ingress tries another
+            "max_ongoing_requests": max_running + len(configs) * settings.max_queued + 4,
             "graceful_shutdown_timeout_s": settings.shutdown_timeout,
             "graceful_shutdown_wait_loop_s": 1.0,
             "health_check_period_s": 5.0,
@@ -88,9 +91,16 @@ def cluster_settings(table: dict | None, flags: dict, device: str, threads: int 
         if key not in valid:
             raise ConfigError(f"unknown key {key!r} in the config's [ray] table; valid: "
                               f"{', '.join(valid)}")
-    data.update({k: v for k, v in flags.items() if v is not None})
-    if data.get("replicas") is not None and data.get("autoscale") is not None:
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given.get("replicas") is not None and given.get("autoscale") is not None:
         raise ConfigError("give --replicas or --autoscale, not both")
+    if "replicas" in given:  # a flag replaces the file's way of counting replicas
+        data.pop("autoscale", None)
+    if "autoscale" in given:
+        data.pop("replicas", None)
+    data.update(given)
+    if data.get("replicas") is not None and data.get("autoscale") is not None:
+        raise ConfigError("the [ray] table gives both replicas and autoscale; keep one")
     autoscale = data.pop("autoscale", None)
     if autoscale is not None:
         parts = autoscale.split(":") if isinstance(autoscale, str) else list(autoscale)
@@ -105,6 +115,9 @@ def cluster_settings(table: dict | None, flags: dict, device: str, threads: int 
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
         raise ConfigError(f"replicas must be a positive integer, got {replicas!r}")
     target = data.get("target_ongoing")
+    if target is not None and "autoscale" not in data:
+        raise ConfigError("target_ongoing (--target-ongoing) is the autoscaler's: give "
+                          "--autoscale MIN:MAX with it")
     if target is not None and (isinstance(target, bool) or not isinstance(target, int | float)
                                or target <= 0):
         raise ConfigError(f"target_ongoing must be a positive number, got {target!r}")
@@ -123,26 +136,6 @@ def cluster_settings(table: dict | None, flags: dict, device: str, threads: int 
     return ClusterSettings(cpus=float(1 if gpus else cpus), gpus=gpus, **data)
 
 
-@dataclass
-class RemoteVariant:
-    """A variant the replicas serve, as the ingress's routes see it (server.async_engine.Variant
-    has the same attributes, with the engine in this process)."""
-
-    name: str
-    model: str
-    quantization: str
-    limits: object
-    max_running: int
-    weight_bytes: int
-    kernels: dict
-    tokenizer: object
-
-    @classmethod
-    def of(cls, info: VariantInfo) -> RemoteVariant:
-        return cls(info.name, info.model, info.quantization, info.limits, info.max_running,
-                   info.weight_bytes, info.kernels, info.tokenizer)
-
-
 class RayEngine(Requests):
     """The routes' engine (server.async_engine.Requests) over a Ray Serve deployment handle.
 
@@ -151,14 +144,11 @@ class RayEngine(Requests):
     generated for the client yet); one that dies later ends the request with a 503 error
     (the routes send it as an error event once streaming has begun)."""
 
-    def __init__(self, handle, variants: list[RemoteVariant], max_queued: int, app: str):
+    def __init__(self, handle, variants: list[VariantInfo], max_queued: int, app: str):
         super().__init__(variants, max_queued)
         self.handle = handle
         self.app = app
         self._relays: dict[str, asyncio.Task] = {}
-
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
 
     def replicas(self) -> tuple[str, ...]:
         return live.replicas(self.app)
@@ -166,7 +156,7 @@ class RayEngine(Requests):
     def replica_count(self) -> int:
         return max(1, len(self.replicas()))
 
-    def submit(self, variant: RemoteVariant, prompt_ids: list[int], params, sink: asyncio.Queue,
+    def submit(self, variant: VariantInfo, prompt_ids: list[int], params, sink: asyncio.Queue,
                tag: int = 0, prompt: str | None = None, arrival: float | None = None) -> Stream:
         stream = self._new_stream(variant, prompt_ids, sink, tag, arrival)
         self._relays[stream.request_id] = self._loop.create_task(self._relay(stream, params, prompt))
@@ -178,14 +168,25 @@ class RayEngine(Requests):
         produced = False
         try:
             for attempt in range(RETRIES):
+                # the replica's clocks (TTFT, latency) start at the request's arrival here,
+                # less the time Ray's router and transport take (clocks of two machines
+                # cannot be compared; that time is not counted)
                 responses = self.handle.options(stream=True).generate.remote(
                     variant=stream.variant.name, prompt_ids=stream.prompt_ids, params=params,
                     prompt=prompt, waited=time.perf_counter() - stream.start)
                 try:
                     async for out in responses:
+                        if not produced and _elsewhere(out) and attempt < RETRIES - 1:
+                            break  # that replica cannot take it now: another one may
                         produced = True
                         stream.sink.put_nowait((stream.tag, out))
-                    return
+                        if isinstance(out, Exception) or out.finished:
+                            self._forget(stream)  # nothing left to abort
+                    else:
+                        return
+                    responses.cancel()
+                    log.info("request %s: a replica refused it (%s); trying another",
+                             stream.request_id, out.code)
                 except asyncio.CancelledError:
                     responses.cancel()
                     raise
@@ -197,25 +198,24 @@ class RayEngine(Requests):
                         return
                     log.warning("a replica died before request %s started; retrying it "
                                 "(attempt %d)", stream.request_id, attempt + 2)
-                    await asyncio.sleep(0.1 * (attempt + 1))
-        except asyncio.CancelledError:
-            raise
+                await asyncio.sleep(0.1 * (attempt + 1))
         except Exception as exc:  # noqa: BLE001 - Ray's own failures: the request's 500
             stream.sink.put_nowait((stream.tag, exc))
         finally:
-            self._streams.pop(stream.request_id, None)
-            self._relays.pop(stream.request_id, None)
-            self._check_idle()
+            self._forget(stream)
+
+    def _forget(self, stream: Stream) -> None:
+        self._streams.pop(stream.request_id, None)
+        self._relays.pop(stream.request_id, None)
+        self._check_idle()
 
     def abort(self, stream: Stream) -> None:
         """Cancels the replica call (Ray Serve cancels it in the replica, which aborts the
         engine request); a finished request is left alone."""
         relay = self._relays.get(stream.request_id)
+        self._forget(stream)  # now: a relay cancelled before it ran has no `finally`
         if relay is not None and not relay.done():
             relay.cancel()
-
-    def stop(self) -> None:
-        pass  # the application and the cluster are ended by serve() below
 
     async def scrape(self) -> dict[str, str]:
         """Every live replica's /metrics text, by replica id (a replica that does not answer
@@ -223,7 +223,7 @@ class RayEngine(Requests):
         async def one(replica: str):
             response = self.handle.metrics.remote(replica=replica)
             try:
-                return await asyncio.wait_for(_result(response), SCRAPE_TIMEOUT)
+                return await asyncio.wait_for(response, SCRAPE_TIMEOUT)
             except Exception as exc:  # noqa: BLE001 - a replica going away mid-scrape
                 response.cancel()
                 log.debug("replica %s did not answer /metrics: %r", replica, exc)
@@ -232,15 +232,18 @@ class RayEngine(Requests):
         answers = await asyncio.gather(*(one(r) for r in self.replicas()))
         return dict(a for a in answers if a is not None)
 
-    async def compare(self, req) -> dict:
+    async def compare(self, state, req) -> dict:
         result = await self.handle.compare.remote(req)
         if isinstance(result, Exception):
             raise result
         return result
 
 
-async def _result(response):
-    return await response
+def _elsewhere(out) -> bool:
+    """A replica's first answer that another replica may not give: it is full (its own
+    --max-queued, which a skewed split can reach first) or its engine has stopped."""
+    return isinstance(out, APIError) and out.code in ("queue_full", "engine_dead", "shutting_down")
+
 
 
 # ---------------------------------------------------------------------------- the process
@@ -261,8 +264,7 @@ def deploy(cluster: ClusterSettings, spec: ReplicaSpec):
     """Deploys the replicas and waits for them; returns (handle, info of one replica)."""
     from ray import serve
 
-    first = spec.configs[0][1]
-    opts = cluster.deployment_options(spec.settings, first.max_num_seqs, first.block_size)
+    opts = cluster.deployment_options(spec.settings, [cfg for _, cfg in spec.configs])
     deployment = serve.deployment(NibbleReplica, name="NibbleReplica", **opts)
     serve.start(proxy_location="Disabled")
     handle = serve.run(deployment.bind(spec), name=cluster.app, route_prefix=None)
@@ -286,6 +288,7 @@ async def serve(settings: ServerSettings, cluster: ClusterSettings, spec: Replic
     """`nibble serve --ray`; returns the exit status (3: the quality gate failed)."""
     loop = asyncio.get_running_loop()
     started: list[bool] = []  # whether this process started the Ray cluster, once connected
+    deploying: list[asyncio.Future] = []
 
     def connect_and_deploy():
         started.append(connect(cluster))
@@ -296,13 +299,14 @@ async def serve(settings: ServerSettings, cluster: ClusterSettings, spec: Replic
                  server.port, f"{cluster.autoscale[0]}-{cluster.autoscale[1]} replicas"
                  if cluster.autoscale else f"{cluster.replicas} replica(s)", spec.model_name,
                  cluster.address or "a new local Ray cluster")
-        return loop.run_in_executor(None, connect_and_deploy)
+        deploying.append(loop.run_in_executor(None, connect_and_deploy))
+        return deploying[0]
 
     def ready(server: Server, deployed) -> int | None:
         handle, info = deployed.result()
         if info["gate_error"]:
             return gate_failed(info["gate_error"])
-        variants = [RemoteVariant.of(v) for v in info["variants"]]
+        variants = list(info["variants"])
         server.state.attach(RayEngine(handle, variants, settings.max_queued, cluster.app),
                             variants)
         log.info("ready: %s on http://%s:%d/v1, served by Ray Serve application %r",
@@ -312,5 +316,8 @@ async def serve(settings: ServerSettings, cluster: ClusterSettings, spec: Replic
     try:
         return await run_server(settings, load, ready)
     finally:
+        if deploying and not deploying[0].done():  # stopped while deploying: let it end
+            log.info("waiting for the deployment to finish before deleting it")
+            await asyncio.wait(deploying)
         if started:
             await loop.run_in_executor(None, undeploy, cluster, started[0])

@@ -2,9 +2,10 @@
 
 It loads what `nibble serve` would load in one process (server.app.prepare: the variants, the
 shadow reference, the quality gate) on its TorchThread, then runs the same AsyncEngine,
-metrics and shadow scoring (server.app.ServerState). The ingress calls three methods through
-its deployment handle: `generate` streams one engine request's outputs, `metrics` returns
-this replica's Prometheus text, `compare` runs a POST /v1/compare job. Errors travel as
+metrics and shadow scoring (server.app.ServerState). The ingress calls four methods through its
+deployment handle: `info` once (the variants it serves, their tokenizers and limits),
+`generate` to stream one engine request's outputs, `metrics` for this replica's Prometheus
+text, `compare` for a POST /v1/compare job. Errors travel as
 values (an APIError or the engine's exception in the stream), so the ingress answers them as
 a one-process server would.
 """
@@ -37,7 +38,9 @@ class ReplicaSpec:
 
 @dataclass(frozen=True)
 class VariantInfo:
-    """What the ingress needs of a replica's variant to validate, tokenize and list it."""
+    """What the ingress needs of a replica's variant to validate, tokenize and list it: the
+    ingress's variant (server.async_engine.Variant has the same attributes, with the engine
+    in the same process)."""
 
     name: str
     model: str

@@ -6,10 +6,11 @@ least busy one (more than `imbalance` requests ahead; several such replicas: the
 otherwise, and for prompts no replica has seen, the less busy of two random replicas (power of
 two choices). The router remembers,
 per replica, the chained hashes of the whole `block_size`-token blocks of the prompts sent
-there: the same blocks the engine's prefix cache keys on (engine/block_manager.py), so a
-match here is a prefix the replica computed (or still computes). It is a record of where
-prompts went, not of what the replica still holds; each replica forgets its oldest blocks
-past `max_blocks`, as its own cache evicts them.
+there (per variant): the same blocks the engine's prefix cache keys on
+(engine/block_manager.py), so a match here is a prefix the replica computed (or still
+computes). It is a record of where prompts went, not of what the replica still holds: the
+replica's cache may have evicted them since; the router forgets a replica's least recently
+sent blocks only past `max_blocks`.
 
 `RayDefaultRouter`: Ray Serve's own power-of-two-choices procedure, the baseline the prefix
 router is measured against (benchmarks/cluster_routing.py).
@@ -31,9 +32,10 @@ from ray.serve.request_router import LocalityMixin, MultiplexMixin, RequestRoute
 MAX_PROMPT_BLOCKS = 512  # blocks hashed per prompt at most (8192 tokens at 16 per block)
 
 
-def block_hashes(token_ids, block_size: int) -> list[int]:
-    """The chained hash of each whole block: a block's hash names its whole prefix."""
-    out, h = [], 0
+def block_hashes(token_ids, block_size: int, seed=None) -> list[int]:
+    """The chained hash of each whole block: a block's hash names its whole prefix (and the
+    `seed`: the variant, whose cache is its own)."""
+    out, h = [], hash(seed)
     whole = min(len(token_ids) // block_size, MAX_PROMPT_BLOCKS)
     for i in range(whole):
         h = hash((h, tuple(token_ids[i * block_size:(i + 1) * block_size])))
@@ -106,35 +108,47 @@ class PrefixAffinityRouter(_Bookkeeping, RequestRouter):
         if pinned is not None or pending_request is None:
             return pinned or [candidate_replicas]
         rid = pending_request.metadata.internal_request_id
-        self._taken.pop(rid, None)  # chosen again: its last choice was full or gone
+        if self._taken.pop(rid, None) is None:  # first choice for it (not a retry)
+            pending_request.future.add_done_callback(
+                lambda f: f.cancelled() and self._taken.pop(rid, None))
         load = self._loads()
         least = min(load.get(r.replica_id, 0) for r in candidate_replicas)
-        ids = pending_request.kwargs.get("prompt_ids")
-        hashes = block_hashes(ids, self.block_size) if ids else []
+        hashes = self._hashes(pending_request)
         match = {r.replica_id: self._match(r.replica_id, hashes) for r in candidate_replicas}
         longest = max(match.values(), default=0)
         near = [r for r in candidate_replicas if longest and match[r.replica_id] == longest
                 and load.get(r.replica_id, 0) <= least + self.imbalance]
         pool = near or random.sample(candidate_replicas, min(2, len(candidate_replicas)))
         choice = min(pool, key=lambda r: load.get(r.replica_id, 0))
+        # counted and remembered now, so the next request of a burst sees this one
         self._taken[rid] = [choice.replica_id, time.monotonic(), False]
+        self._remember(choice.replica_id, hashes)
         rest = sorted((r for r in candidate_replicas if r is not choice),
                       key=lambda r: load.get(r.replica_id, 0))
         return [[choice], rest] if rest else [[choice]]
 
-    def on_request_routed(self, pending_request, replica_id, result):
-        rid = pending_request.metadata.internal_request_id
-        if pending_request.kwargs.get("replica") is None:
-            self._taken[rid] = [replica_id, time.monotonic(), True]
+    def _hashes(self, pending_request) -> list[int]:
         ids = pending_request.kwargs.get("prompt_ids")
-        if not ids:
-            return
+        return block_hashes(ids, self.block_size, pending_request.kwargs.get("variant")) \
+            if ids else []
+
+    def _remember(self, replica_id, hashes: list[int]) -> None:
         seen = self._blocks.setdefault(replica_id, OrderedDict())
-        for h in block_hashes(ids, self.block_size):
+        for h in hashes:
             seen[h] = None
             seen.move_to_end(h)
         while len(seen) > self.max_blocks:
             seen.popitem(last=False)
+
+    def on_request_routed(self, pending_request, replica_id, result):
+        """The replica took it: counted until it completes (unless it already has, as a
+        request that finished at once may before this call)."""
+        taken = self._taken.get(pending_request.metadata.internal_request_id)
+        if taken is None:
+            return
+        if taken[0] != replica_id:  # the choice was full; another rank took it
+            self._remember(replica_id, self._hashes(pending_request))
+        taken[:] = [replica_id, taken[1], True]
 
     def on_request_completed(self, replica_id, internal_request_id):
         self._taken.pop(internal_request_id, None)

@@ -37,17 +37,23 @@ def test_config_table_under_flags():
     assert _settings(table, router="prefix", address="10.0.0.1:6379").router == "prefix"
     assert _settings({"autoscale": [1, 4]}).autoscale == (1, 4)
     assert _settings({"autoscale": "2:2"}, target_ongoing=3).target_ongoing == 3
+    # a flag's way of counting replicas replaces the file's
+    assert (_settings({"autoscale": "1:2"}, replicas=3).replicas,
+            _settings({"autoscale": "1:2"}, replicas=3).autoscale) == (3, None)
+    assert _settings({"replicas": 2}, autoscale="1:3").autoscale == (1, 3)
 
 
 @pytest.mark.parametrize("table, flags, fragment", [
-    ({"replicas": 2}, {"autoscale": "1:2"}, "not both"),
+    (None, {"replicas": 2, "autoscale": "1:2"}, "not both"),
     (None, {"autoscale": "4:1"}, "MIN <= MAX"),
     (None, {"autoscale": "0:2"}, "MIN <= MAX"),
     (None, {"autoscale": "two"}, "MIN:MAX"),
     (None, {"autoscale": "1:2:3"}, "MIN:MAX"),
     (None, {"replicas": 0}, "positive integer"),
     ({"replicas": "2"}, {}, "positive integer"),
-    ({"target_ongoing": -1}, {}, "positive number"),
+    ({"autoscale": "1:2", "target_ongoing": -1}, {}, "positive number"),
+    ({"target_ongoing": 2}, {}, "give --autoscale"),
+    ({"replicas": 2, "autoscale": "1:2"}, {}, "keep one"),
     ({"router": "random"}, {}, "router must be one of prefix, pow2"),
     ({"replica": 2}, {}, "unknown key 'replica'"),
     ({"autoscaling": 3}, {}, "autoscaling must be a table"),
