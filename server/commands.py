@@ -71,9 +71,6 @@ def _serve_ray(args, cfg: EngineConfig, settings, model_name: str, configs: list
     import importlib.util
     import os
 
-    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
-        raise ConfigError("--ray needs Ray Serve: pip install 'nibble[cluster]' (or "
-                          "'ray[serve]')")
     from server.cluster.ingress import cluster_settings
     from server.cluster.ingress import serve as serve_ray
     from server.cluster.replica import ReplicaSpec
@@ -81,6 +78,9 @@ def _serve_ray(args, cfg: EngineConfig, settings, model_name: str, configs: list
     flags = {"address": args.ray_address, "replicas": args.replicas, "autoscale": args.autoscale,
              "target_ongoing": args.target_ongoing, "router": args.router}
     cluster = cluster_settings(args.ray_table, flags, cfg.device, cfg.threads, os.cpu_count() or 1)
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        raise ConfigError("--ray needs Ray Serve: pip install 'nibble[cluster]' (or "
+                          "'ray[serve]')")
     threads = cfg.threads if cluster.gpus else (cfg.threads or int(cluster.cpus))
     configs = tuple((q, dataclasses.replace(c, threads=threads)) for q, c in configs)
     if shadow is not None:
