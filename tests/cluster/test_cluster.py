@@ -158,7 +158,8 @@ def test_shared_prefix_goes_to_the_replica_that_holds_it(server):
 
 def test_a_busy_replica_is_passed_over_despite_its_prefix(server):
     """12 concurrent requests with one prefix: the replica holding it takes them until it is
-    4 requests busier than the other, which then takes some."""
+    more than 4 requests busier than the other, which then takes some (and, sent the prefix
+    too, shares the rest by load). Without the escape all 12 would go to the holder."""
     prefix = _prompt(2, 60)
     server.post("/v1/completions", {"prompt": prefix, "max_tokens": 1})  # one replica caches it
     done0 = server.by_replica("nibble_requests_finished_total")
@@ -170,7 +171,7 @@ def test_a_busy_replica_is_passed_over_despite_its_prefix(server):
     with ThreadPoolExecutor(12) as pool:
         assert list(pool.map(one, range(12))) == [200] * 12
     done = {k: v - done0.get(k, 0) for k, v in server.by_replica("nibble_requests_finished_total").items()}
-    assert len(done) == 2 and min(done.values()) > 0 and max(done.values()) > 6, done
+    assert len(done) == 2 and min(done.values()) > 0 and sum(done.values()) == 12, done
 
 
 def _stream_events(server, body: dict):
