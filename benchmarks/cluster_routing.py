@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.machine import machine_info, write_report  # noqa: E402
 from benchmarks.peers import TOPICS  # noqa: E402
 from benchmarks.serve import pct, stream_requests  # noqa: E402
-from loadtests.bench import _get, discover_model, nibble_server, safe_name, wait_idle  # noqa: E402
+from loadtests.bench import discover_model, nibble_server, safe_name, scrape, wait_idle  # noqa: E402
 
 ROUTERS = ("pow2", "prefix")
 LOGS = Path(tempfile.gettempdir()) / "nibble-cluster-bench"
@@ -117,20 +117,9 @@ def summary(run: dict) -> dict:
 
 def by_replica(url: str) -> dict[str, dict[str, float]]:
     """{replica id: {counter key: value summed over its other labels}} from the ingress's
-    /metrics (loadtests.bench.scrape sums the replicas together; this keeps them apart)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    status, text = _get(f"{url}/metrics")
-    if status != 200:
-        raise RuntimeError(f"{url}/metrics answered {status}: {text[:200]}")
-    names = {v: k for k, v in COUNTERS.items()}
-    out: dict[str, dict[str, float]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name in names and "replica" in s.labels:
-                row = out.setdefault(s.labels["replica"], dict.fromkeys(COUNTERS, 0.0))
-                row[names[s.name]] += s.value
-    return out
+    /metrics (every replica's series carry a `replica` label)."""
+    return {replica: {key: row.get(name, 0.0) for key, name in COUNTERS.items()}
+            for replica, row in scrape(url, by="replica").items()}
 
 
 def _rate(hit: float, queried: float) -> float | None:

@@ -119,8 +119,10 @@ def _get(url: str, api_key: str = "", timeout: float = 10.0) -> tuple[int, str]:
         return exc.code, exc.read().decode("utf-8", "replace")
 
 
-def scrape(url: str) -> dict[str, float]:
-    """/metrics as {sample name: value summed over its label sets}; {} when the server has none."""
+def scrape(url: str, by: str | None = None) -> dict:
+    """/metrics as {sample name: value summed over its label sets}; {} when the server has none.
+    `by` a label (e.g. "replica"): {that label's value: {sample name: sum}} over the samples
+    that carry it."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
@@ -129,11 +131,14 @@ def scrape(url: str) -> dict[str, float]:
         return {}
     if status != 200:
         return {}
-    out: dict[str, float] = {}
+    out: dict = {}
     try:
         for family in text_string_to_metric_families(text):
             for s in family.samples:
-                out[s.name] = out.get(s.name, 0.0) + s.value
+                if by is not None and by not in s.labels:
+                    continue
+                row = out if by is None else out.setdefault(s.labels[by], {})
+                row[s.name] = row.get(s.name, 0.0) + s.value
     except ValueError:
         return {}
     return out
