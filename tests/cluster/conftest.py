@@ -4,7 +4,6 @@ Run by `make test-cluster` (needs `pip install -e '.[cluster]'`), not by `make t
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 pytest.importorskip("ray.serve", reason="needs Ray Serve: pip install -e '.[cluster]'")
 
 from loadtests.bench import nibble_server  # noqa: E402
-from tests.server.live import Http  # noqa: E402
+from tests.server.live import Http, samples  # noqa: E402
 
 pytestmark = pytest.mark.slow
 KEY = "cluster-secret"
@@ -30,13 +29,9 @@ class RayServer:
     def by_replica(self, name: str, **labels) -> dict[str, float]:
         """One /metrics sample per replica (summed over the label sets matching `labels`)."""
         out: dict[str, float] = defaultdict(float)
-        for line in self.http.get("/metrics").text.splitlines():
-            m = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
-            if not m:
-                continue
-            have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-            if "replica" in have and all(have.get(k) == v for k, v in labels.items()):
-                out[have["replica"]] += float(m.group(2))
+        for have, value in samples(self.http.get("/metrics").text, name, **labels):
+            if "replica" in have:
+                out[have["replica"]] += value
         return dict(out)
 
     def replicas(self) -> set[str]:

@@ -29,16 +29,20 @@ class LiveServer(ServerThread):
 
     def metric(self, name: str, **labels) -> float:
         """One sample of /metrics (summed over label sets that match `labels`)."""
-        total, found = 0.0, False
-        for line in self.http.get("/metrics").text.splitlines():
-            m = re.fullmatch(rf"{name}(?:\{{(.*)\}})? (\S+)", line)
-            if not m:
-                continue
-            have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
-            if all(have.get(k) == v for k, v in labels.items()):
-                total, found = total + float(m.group(2)), True
-        assert found, f"{name} {labels} not in /metrics"
-        return total
+        values = [v for _, v in samples(self.http.get("/metrics").text, name, **labels)]
+        assert values, f"{name} {labels} not in /metrics"
+        return sum(values)
+
+
+def samples(text: str, name: str, **labels):
+    """(labels, value) of each line of /metrics text for `name` whose labels match `labels`."""
+    for line in text.splitlines():
+        m = re.fullmatch(rf"{name}(?:\{{(.*)\}})? (\S+)", line)
+        if not m:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            yield have, float(m.group(2))
 
 
 @dataclass
